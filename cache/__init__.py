@@ -1,0 +1,1 @@
+"""movekd cache package."""

@@ -1,0 +1,199 @@
+"""Reading a cache: open by path or URL, look rows up by image key, read dequantised batches.
+
+Decisions:
+- Only committed shards are visible: the key index is built from commit markers, so rows of a
+  shard that is still being written (or died mid-write) cannot be read, and asking for them says so.
+- Reads go through zarr's orthogonal selection on sorted rows (one ranged read per image chunk,
+  issued concurrently by zarr), then are put back in the caller's order.
+- Safe in DataLoader workers: zarr handles are opened lazily per process (a fork or pickle makes
+  the next read reopen them), so each worker has its own handle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import zarr
+
+from cache.codecs import get_codec
+from cache.layout import CLS_ATTN, CLS_STATE, COMMITS, STATS_FILE, TEACHERS, marker_name
+from cache.manifest import ATTRS_KEY, CacheManifest, ManifestError
+from cache.store import Location
+
+
+class CacheError(ValueError):
+    """A cache that is missing, incomplete, or asked for something it does not hold."""
+
+
+def load_manifest(loc: Location, mode: str = "r") -> tuple[CacheManifest, zarr.Group]:
+    """Open the group at ``loc`` and validate its manifest, with errors that say what to do."""
+    if not loc.exists("zarr.json"):
+        raise CacheError(f"no cache at {loc.url} (no zarr.json); create it with the writer or `movekd extract`")
+    try:
+        group = zarr.open_group(loc.zarr_path, mode=mode)
+    except Exception as e:  # noqa: BLE001 - zarr raises many types for unreadable metadata
+        raise CacheError(f"cannot open the zarr group at {loc.url}: {e}") from e
+    attrs = group.attrs.asdict()
+    if ATTRS_KEY not in attrs:
+        raise CacheError(f"{loc.url} is a zarr group but not a movekd cache (no '{ATTRS_KEY}' attribute)")
+    try:
+        return CacheManifest.from_dict(attrs[ATTRS_KEY]), group
+    except ManifestError as e:
+        raise CacheError(f"{loc.url}: {e}") from e
+
+
+@dataclass
+class CacheBatch:
+    """Rows read from a cache. ``features[teacher]`` is ``[B, N, C]``; aux arrays may be None."""
+
+    keys: list[str]
+    rows: np.ndarray
+    features: dict[str, np.ndarray]
+    cls_state: np.ndarray | None
+    cls_attn: np.ndarray | None
+    valid: np.ndarray
+
+
+class FeatureCache:
+    """Read access to a cache; see ``open_cache``."""
+
+    def __init__(self, location: str | os.PathLike):
+        self.location = Location(location)
+        self.manifest, _ = load_manifest(self.location)
+        self._group, self._pid = None, None
+        self.commits: dict[int, dict] = {}
+        self._index: dict[str, int] = {}
+        self._failed: dict[str, str] = {}
+        self.reload()
+
+    # -- index -------------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Re-read commit markers (picks up shards committed since opening)."""
+        commits, index, failed = {}, {}, {}
+        for name in self.location.list(COMMITS):
+            if not (name.startswith("shard-") and name.endswith(".json")):
+                continue  # temp files of an in-flight commit
+            shard = int(name[6:11])
+            raw = self.location.read_bytes(f"{COMMITS}/{name}")
+            try:
+                marker = json.loads(raw)
+            except (TypeError, ValueError) as e:
+                raise CacheError(f"{self.location.url}: commit marker {name} is unreadable ({e}); "
+                                 f"run `movekd cache verify` and re-extract that shard") from e
+            start, _ = self.manifest.shard_rows(shard)
+            for i, key in enumerate(marker["keys"]):
+                if key in index:
+                    raise CacheError(f"key {key!r} is in shard {shard} and in row {index[key]}: "
+                                     f"the cache has a duplicate image")
+                index[key] = start + i
+            failed.update(marker["failed"])
+            commits[shard] = marker
+        self.commits, self._index, self._failed = commits, index, failed
+
+    @property
+    def committed_shards(self) -> list[int]:
+        return sorted(s for s in self.commits if s < self.manifest.num_shards)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.committed_shards) == self.manifest.num_shards
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def failed(self) -> dict[str, str]:
+        """Keys whose extraction failed, with the reason recorded at write time."""
+        return dict(self._failed)
+
+    def is_valid(self, key: str) -> bool:
+        return key in self._index and key not in self._failed
+
+    def row(self, key: str) -> int:
+        try:
+            return self._index[key]
+        except KeyError:
+            raise CacheError(f"image key {key!r} is not in any committed shard of {self.location.url}") from None
+
+    # -- reading -----------------------------------------------------------------------------
+    def _arrays(self) -> zarr.Group:
+        if self._group is None or self._pid != os.getpid():
+            self._group, self._pid = zarr.open_group(self.location.zarr_path, mode="r"), os.getpid()
+        return self._group
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_group"] = None
+        return state
+
+    def read(
+        self,
+        keys: Sequence[str],
+        teachers: Iterable[str] | None = None,
+        dtype: np.dtype | str = np.float32,
+        aux: bool = True,
+        allow_invalid: bool = False,
+    ) -> CacheBatch:
+        """Read ``keys`` (in order) for ``teachers`` (default all), dequantised to ``dtype``."""
+        keys = list(keys)
+        rows = np.array([self.row(k) for k in keys], dtype=np.int64)
+        valid = np.array([k not in self._failed for k in keys], dtype=bool)
+        if not allow_invalid and not valid.all():
+            bad = [k for k, v in zip(keys, valid) if not v][:5]
+            raise CacheError(f"image(s) {bad} failed extraction ({self._failed[bad[0]]}); skip them or pass allow_invalid")
+        names = list(self.manifest.teacher_names if teachers is None else teachers)
+        feats = {}
+        for name in names:
+            t = self.manifest.teacher(name)
+            codec = get_codec(t.codec)
+            parts = {c.name: self.read_rows(f"{TEACHERS}/{name}/{c.name}", rows)
+                     for c in codec.components(t.tokens, t.channels)}
+            feats[name] = codec.decode(parts, dtype)
+        cls_state = cls_attn = None
+        if aux and self.manifest.cls_teacher is not None:
+            cls_state = self.read_rows(CLS_STATE, rows).astype(dtype, copy=False)
+            cls_attn = self.read_rows(CLS_ATTN, rows).astype(dtype, copy=False)
+        return CacheBatch(keys, rows, feats, cls_state, cls_attn, valid)
+
+    def read_rows(self, path: str, rows: np.ndarray) -> np.ndarray:
+        """Raw stored values of array ``path`` at ``rows`` (any order, duplicates allowed)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            arr = self._arrays()[path]
+            return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        data = self._arrays()[path].get_orthogonal_selection((uniq,))
+        return data[inverse]
+
+    def read_shard_raw(self, path: str, shard: int) -> np.ndarray:
+        """The stored values of ``path`` for the committed rows of ``shard``."""
+        start, _ = self.manifest.shard_rows(shard)
+        return self._arrays()[path][start:start + self.commits[shard]["count"]]
+
+    # -- statistics --------------------------------------------------------------------------
+    def channel_stats(self, teacher: str) -> dict[str, np.ndarray]:
+        """Stored per-channel ``mean``/``std`` of a teacher (see ``cache.stats``)."""
+        raw = self.location.read_bytes(STATS_FILE)
+        if raw is None:
+            raise CacheError(f"{self.location.url} has no channel statistics; run `movekd cache stats {self.location.url}`")
+        stats = json.loads(raw)["teachers"]
+        if teacher not in stats:
+            raise CacheError(f"channel statistics hold no teacher {teacher!r} (have {sorted(stats)})")
+        return {k: np.asarray(stats[teacher][k], dtype=np.float32) for k in ("mean", "std")}
+
+
+def open_cache(location: str | os.PathLike) -> FeatureCache:
+    """Open a cache for reading: a local path or any fsspec URL zarr supports."""
+    return FeatureCache(location)
+
+
+__all__ = ["CacheBatch", "CacheError", "FeatureCache", "load_manifest", "marker_name", "open_cache"]

@@ -1,0 +1,214 @@
+"""Writing a cache: create once, write whole shards, commit each with a marker written last.
+
+Lifecycle (MosaicML-streaming style):
+
+1. ``CacheWriter.create(location, manifest)`` creates the group and every array (idempotent:
+   opening an existing cache checks the manifest and refuses any difference, naming the field).
+2. ``write_shard(shard, keys, features, ...)`` first *removes* the shard's marker (so a rewrite
+   that dies midway never looks committed), writes every array's rows of that shard as whole zarr
+   shards, then writes the marker atomically: keys, failed keys with reasons, and a checksum of
+   every array's stored rows. Only markers make rows visible to readers.
+3. Several processes may write different shards at once: each zarr shard and marker is its own
+   file, and array metadata is only written by ``create``.
+
+Checksums are blake2b over the *encoded* arrays (what zarr stores, before compression), so they
+are store-independent and ``verify`` catches both undecodable and silently changed shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import zarr
+
+from cache.codecs import NonFiniteError, check_finite, get_codec
+from cache.layout import CLS_ATTN, CLS_STATE, TEACHERS, create_arrays, marker_name
+from cache.manifest import ATTRS_KEY, CacheManifest
+from cache.reader import load_manifest
+from cache.store import Location
+
+log = logging.getLogger(__name__)
+
+NULL_KEY = "__no_image__"
+MARKER_VERSION = 1
+
+
+def checksum(a: np.ndarray) -> str:
+    return "blake2b:" + hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
+
+
+@dataclass
+class ShardCommit:
+    """What a commit marker records (also returned by ``write_shard``)."""
+
+    shard: int
+    keys: list[str]
+    failed: dict[str, str] = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)
+    written_at: str = ""
+    writer: str = ""
+
+    def to_dict(self) -> dict:
+        return {"marker_version": MARKER_VERSION, "shard": self.shard, "count": len(self.keys),
+                "keys": self.keys, "failed": self.failed, "checksums": self.checksums,
+                "written_at": self.written_at, "writer": self.writer}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ShardCommit":
+        if d.get("marker_version") != MARKER_VERSION:
+            raise ValueError(f"commit marker version {d.get('marker_version')!r} unsupported")
+        if d.get("count") != len(d.get("keys", ())):
+            raise ValueError(f"commit marker of shard {d.get('shard')}: count != len(keys)")
+        return cls(int(d["shard"]), list(d["keys"]), dict(d["failed"]), dict(d["checksums"]),
+                   d.get("written_at", ""), d.get("writer", ""))
+
+
+class CacheWriter:
+    """Writes shards of one cache. Use ``create`` (driver) or ``open`` (workers)."""
+
+    def __init__(self, location: Location, group: zarr.Group, manifest: CacheManifest):
+        self.location, self.group, self.manifest = location, group, manifest
+
+    @classmethod
+    def create(cls, location: str | os.PathLike, manifest: CacheManifest) -> "CacheWriter":
+        """Create the cache, or open it if it exists with an identical manifest."""
+        loc = Location(location)
+        if loc.exists("zarr.json"):
+            return cls.open(location, manifest)
+        group = zarr.open_group(loc.zarr_path, mode="w-", attributes={ATTRS_KEY: manifest.to_dict()})
+        create_arrays(group, manifest)
+        log.info("created cache %s (%d shards x %d rows, teachers %s)", loc.url,
+                 manifest.num_shards, manifest.shard_size, ", ".join(manifest.teacher_names))
+        return cls(loc, group, manifest)
+
+    @classmethod
+    def open(cls, location: str | os.PathLike, manifest: CacheManifest) -> "CacheWriter":
+        """Open an existing cache for writing; refuses if ``manifest`` differs from the stored one."""
+        loc = Location(location)
+        existing, group = load_manifest(loc, mode="r+")
+        existing.check_same(manifest, what=f"cache at {loc.url}")
+        return cls(loc, group, existing)
+
+    # -- state -----------------------------------------------------------------------------
+    def committed_shards(self) -> set[int]:
+        names = self.location.list("_commits")
+        return {int(n[6:11]) for n in names if n.startswith("shard-") and n.endswith(".json")}
+
+    def is_committed(self, shard: int) -> bool:
+        return self.location.exists(marker_name(shard))
+
+    # -- writing -----------------------------------------------------------------------------
+    def write_shard(
+        self,
+        shard: int,
+        keys: list[str],
+        features: Mapping[str, np.ndarray],
+        cls_state: np.ndarray | None = None,
+        cls_attn: np.ndarray | None = None,
+        failed: Mapping[str, str] | None = None,
+        nonfinite: str = "raise",
+    ) -> ShardCommit:
+        """Write and commit one whole shard.
+
+        ``keys`` are the shard's images in row order (failed ones included); ``features[t]`` is
+        ``[len(keys), tokens, channels]`` per teacher; rows of ``failed`` keys are stored as zeros
+        and marked invalid. ``nonfinite="raise"`` raises on NaN/Inf naming the images;
+        ``"mark_failed"`` records those images as failed instead.
+        """
+        failed = dict(failed or {})
+        start, stop = self._check_shard(shard, keys, failed)
+        feats, cls_state, cls_attn = self._validated(keys, features, cls_state, cls_attn)
+        self._check_values(keys, feats, cls_state, cls_attn, failed, nonfinite)
+        self.location.delete(marker_name(shard))  # uncommit before touching data
+        bad = np.array([k in failed for k in keys], dtype=bool)
+        checksums = {}
+        for t in self.manifest.teachers:
+            x = feats[t.name].astype(np.float32, copy=True)
+            x[bad] = 0
+            for comp, arr in get_codec(t.codec).encode(x).items():
+                checksums[f"{TEACHERS}/{t.name}/{comp}"] = self._write_rows(f"{TEACHERS}/{t.name}/{comp}", start, stop, arr)
+        if self.manifest.cls_teacher is not None:
+            for path, arr in ((CLS_STATE, cls_state), (CLS_ATTN, cls_attn)):
+                arr = arr.astype(np.float32, copy=True)
+                arr[bad] = 0
+                checksums[path] = self._write_rows(path, start, stop, arr)
+        commit = ShardCommit(shard, list(keys), failed, checksums,
+                             time.strftime("%Y-%m-%dT%H:%M:%S%z"), f"{socket.gethostname()}:{os.getpid()}")
+        self.location.write_atomic(marker_name(shard), json.dumps(commit.to_dict()).encode())
+        log.debug("committed shard %d (%d rows, %d failed)", shard, len(keys), len(failed))
+        return commit
+
+    def write_null(self, features: Mapping[str, np.ndarray], cls_state=None, cls_attn=None) -> ShardCommit:
+        """Write the reserved "no image" row (teachers' outputs for the all-zero input)."""
+        return self.write_shard(self.manifest.num_shards, [NULL_KEY], features, cls_state, cls_attn)
+
+    def _write_rows(self, path: str, start: int, stop: int, arr: np.ndarray) -> str:
+        """Write rows [start, start+len(arr)) padded with zeros to the whole zarr shard."""
+        full = np.zeros((stop - start, *arr.shape[1:]), dtype=arr.dtype)
+        full[: len(arr)] = arr
+        self.group[path][start:stop] = full
+        return checksum(arr)
+
+    # -- validation --------------------------------------------------------------------------
+    def _check_shard(self, shard: int, keys: list[str], failed: dict) -> tuple[int, int]:
+        m = self.manifest
+        start, stop = m.shard_rows(shard)
+        if not keys:
+            raise ValueError(f"shard {shard}: no keys to write")
+        if len(keys) > stop - start:
+            raise ValueError(f"shard {shard}: {len(keys)} keys but the shard holds {stop - start} rows")
+        if len(set(keys)) != len(keys):
+            dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+            raise ValueError(f"shard {shard}: duplicate keys {dup}")
+        if shard < m.num_shards and NULL_KEY in keys:
+            raise ValueError(f"shard {shard}: key {NULL_KEY!r} is reserved for the no-image row")
+        unknown = sorted(set(failed) - set(keys))
+        if unknown:
+            raise ValueError(f"shard {shard}: failed keys {unknown[:5]} are not among the shard's keys")
+        return start, stop
+
+    def _validated(self, keys, features, cls_state, cls_attn):
+        m, n = self.manifest, len(keys)
+        missing, extra = set(m.teacher_names) - set(features), set(features) - set(m.teacher_names)
+        if missing or extra:
+            raise ValueError(f"features must hold exactly the teachers {list(m.teacher_names)}; "
+                             f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+        feats = {}
+        for t in m.teachers:
+            x = np.asarray(features[t.name])
+            if x.shape != (n, t.tokens, t.channels):
+                raise ValueError(f"teacher {t.name}: features shape {x.shape}, expected {(n, t.tokens, t.channels)}")
+            feats[t.name] = x
+        if m.cls_teacher is None:
+            if cls_state is not None or cls_attn is not None:
+                raise ValueError("this cache has no cls_teacher: pass no cls_state/cls_attn")
+            return feats, None, None
+        cls = m.teacher(m.cls_teacher)
+        for name, arr, shape in (("cls_state", cls_state, (n, cls.channels)), ("cls_attn", cls_attn, (n, cls.tokens))):
+            if arr is None or np.shape(arr) != shape:
+                raise ValueError(f"{name}: expected shape {shape} from teacher {cls.name}, got "
+                                 f"{None if arr is None else np.shape(arr)}")
+        return feats, np.asarray(cls_state), np.asarray(cls_attn)
+
+    def _check_values(self, keys, feats, cls_state, cls_attn, failed, nonfinite) -> None:
+        if nonfinite not in ("raise", "mark_failed"):
+            raise ValueError(f"nonfinite must be 'raise' or 'mark_failed', got {nonfinite!r}")
+        named = [(f"teacher {k}", v) for k, v in feats.items()]
+        named += [(n, a[:, None, :]) for n, a in (("cls_state", cls_state), ("cls_attn", cls_attn)) if a is not None]
+        for what, x in named:
+            try:
+                check_finite(x, what)
+            except NonFiniteError as e:
+                bad = [keys[r] for r in e.rows if keys[r] not in failed]
+                if bad and nonfinite == "raise":
+                    raise ValueError(f"{what} produced NaN/Inf for image(s) {bad[:10]}") from None
+                for k in bad:
+                    failed[k] = f"{what} produced NaN/Inf"

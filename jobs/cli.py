@@ -1,0 +1,72 @@
+"""The ``movekd`` command line: one program, one verb per capability.
+
+Each verb lives in its own module under ``jobs/`` and exposes ``add_parser(subparsers)``, which
+registers an ``argparse`` sub-parser whose ``func`` default takes the parsed namespace and
+returns an exit code. This file only wires them together, so ``movekd VERB --help`` documents
+every option in the module that implements it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# verb -> module; imported lazily so `movekd cache ...` never pays for importing torch or ray.
+VERBS = {
+    "cache": "jobs.cache_cli",
+    "demo": "jobs.demo",
+    "pack": "jobs.pack",
+    "extract": "jobs.extract",
+    "train": "jobs.train",
+}
+
+DESCRIPTIONS = {
+    "cache": "inspect, verify and summarise a feature cache",
+    "demo": "run the whole pipeline on the bundled sample data",
+    "pack": "pack a LLaVA JSON + image folder into WebDataset shards of unique images",
+    "extract": "run the teachers over packed shards and write the feature cache (Ray)",
+    "train": "train the MoLE student from a feature cache",
+}
+
+
+def build_parser(verbs: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="movekd",
+        description="Offline multi-teacher distillation for MoVE-KD: pack, extract, cache, train.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, module in (verbs or VERBS).items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue  # verb not available in this build
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbs = VERBS
+    # Import only the module of the verb asked for, so `movekd cache` stays light.
+    if argv and argv[0] in VERBS:
+        verbs = {argv[0]: VERBS[argv[0]]}
+    parser = build_parser(verbs)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "func", None):
+        build_parser().print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""movekd pipeline package."""
