@@ -124,27 +124,63 @@ class CacheWriter:
         ``"mark_failed"`` records those images as failed instead.
         """
         failed = dict(failed or {})
-        start, stop = self._check_shard(shard, keys, failed)
+        self._check_shard(shard, keys, failed)
         feats, cls_state, cls_attn = self._validated(keys, features, cls_state, cls_attn)
         self._check_values(keys, feats, cls_state, cls_attn, failed, nonfinite)
-        self.location.delete(marker_name(shard))  # uncommit before touching data
         bad = np.array([k in failed for k in keys], dtype=bool)
-        checksums = {}
+        encoded = {}
         for t in self.manifest.teachers:
             x = feats[t.name].astype(np.float32, copy=True)
             x[bad] = 0
-            for comp, arr in get_codec(t.codec).encode(x).items():
-                checksums[f"{TEACHERS}/{t.name}/{comp}"] = self._write_rows(f"{TEACHERS}/{t.name}/{comp}", start, stop, arr)
+            encoded[t.name] = get_codec(t.codec).encode(x)
+        return self.write_encoded(shard, keys, encoded, cls_state, cls_attn, failed)
+
+    def write_encoded(
+        self,
+        shard: int,
+        keys: list[str],
+        encoded: Mapping[str, Mapping[str, np.ndarray]],
+        cls_state: np.ndarray | None = None,
+        cls_attn: np.ndarray | None = None,
+        failed: Mapping[str, str] | None = None,
+    ) -> ShardCommit:
+        """Like ``write_shard`` for features already encoded with each teacher's codec
+        (``encoded[teacher][component]`` = ``[len(keys), *component shape]``), so an extraction
+        worker can quantise batch by batch and never hold a shard of float features."""
+        failed = dict(failed or {})
+        start, stop = self._check_shard(shard, keys, failed)
+        arrays = self._encoded_arrays(keys, encoded)
         if self.manifest.cls_teacher is not None:
-            for path, arr in ((CLS_STATE, cls_state), (CLS_ATTN, cls_attn)):
-                arr = arr.astype(np.float32, copy=True)
+            _, cls_state, cls_attn = self._validated(keys, None, cls_state, cls_attn)
+            arrays[CLS_STATE], arrays[CLS_ATTN] = cls_state.astype(np.float32), cls_attn.astype(np.float32)
+        bad = np.array([k in failed for k in keys], dtype=bool)
+        self.location.delete(marker_name(shard))  # uncommit before touching data
+        checksums = {}
+        for path, arr in arrays.items():
+            if bad.any():
+                arr = arr.copy()
                 arr[bad] = 0
-                checksums[path] = self._write_rows(path, start, stop, arr)
+            checksums[path] = self._write_rows(path, start, stop, arr)
         commit = ShardCommit(shard, list(keys), failed, checksums,
                              time.strftime("%Y-%m-%dT%H:%M:%S%z"), f"{socket.gethostname()}:{os.getpid()}")
         self.location.write_atomic(marker_name(shard), json.dumps(commit.to_dict()).encode())
         log.debug("committed shard %d (%d rows, %d failed)", shard, len(keys), len(failed))
         return commit
+
+    def _encoded_arrays(self, keys, encoded) -> dict[str, np.ndarray]:
+        names = set(self.manifest.teacher_names)
+        if set(encoded) != names:
+            raise ValueError(f"encoded features must hold exactly the teachers {sorted(names)}, got {sorted(encoded)}")
+        arrays = {}
+        for t in self.manifest.teachers:
+            for comp in get_codec(t.codec).components(t.tokens, t.channels):
+                arr = np.asarray(encoded[t.name].get(comp.name))
+                want = (len(keys), *comp.shape)
+                if arr.shape != want or arr.dtype != np.dtype(comp.dtype):
+                    raise ValueError(f"teacher {t.name} ({t.codec}): component {comp.name!r} must be "
+                                     f"{comp.dtype} {want}, got {arr.dtype} {arr.shape}")
+                arrays[f"{TEACHERS}/{t.name}/{comp.name}"] = arr
+        return arrays
 
     def write_null(self, features: Mapping[str, np.ndarray], cls_state=None, cls_attn=None) -> ShardCommit:
         """Write the reserved "no image" row (teachers' outputs for the all-zero input)."""
@@ -177,16 +213,7 @@ class CacheWriter:
 
     def _validated(self, keys, features, cls_state, cls_attn):
         m, n = self.manifest, len(keys)
-        missing, extra = set(m.teacher_names) - set(features), set(features) - set(m.teacher_names)
-        if missing or extra:
-            raise ValueError(f"features must hold exactly the teachers {list(m.teacher_names)}; "
-                             f"missing {sorted(missing)}, unexpected {sorted(extra)}")
-        feats = {}
-        for t in m.teachers:
-            x = np.asarray(features[t.name])
-            if x.shape != (n, t.tokens, t.channels):
-                raise ValueError(f"teacher {t.name}: features shape {x.shape}, expected {(n, t.tokens, t.channels)}")
-            feats[t.name] = x
+        feats = {} if features is None else self._validated_features(keys, features)
         if m.cls_teacher is None:
             if cls_state is not None or cls_attn is not None:
                 raise ValueError("this cache has no cls_teacher: pass no cls_state/cls_attn")
@@ -197,6 +224,20 @@ class CacheWriter:
                 raise ValueError(f"{name}: expected shape {shape} from teacher {cls.name}, got "
                                  f"{None if arr is None else np.shape(arr)}")
         return feats, np.asarray(cls_state), np.asarray(cls_attn)
+
+    def _validated_features(self, keys, features):
+        m, n = self.manifest, len(keys)
+        missing, extra = set(m.teacher_names) - set(features), set(features) - set(m.teacher_names)
+        if missing or extra:
+            raise ValueError(f"features must hold exactly the teachers {list(m.teacher_names)}; "
+                             f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+        feats = {}
+        for t in m.teachers:
+            x = np.asarray(features[t.name])
+            if x.shape != (n, t.tokens, t.channels):
+                raise ValueError(f"teacher {t.name}: features shape {x.shape}, expected {(n, t.tokens, t.channels)}")
+            feats[t.name] = x
+        return feats
 
     def _check_values(self, keys, feats, cls_state, cls_attn, failed, nonfinite) -> None:
         if nonfinite not in ("raise", "mark_failed"):
