@@ -1,0 +1,58 @@
+"""The house's import direction: jobs -> {pipeline, student} -> cache; cache imports no torch/ray.
+
+Checked two ways: statically over every import statement in the source (including ones inside
+functions), and dynamically by importing every cache module in a fresh interpreter and checking
+that torch and ray were never loaded.
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {
+    "cache": {"torch", "ray", "pipeline", "student", "jobs", "movekd_compat"},
+    "pipeline": {"student", "jobs"},
+    "student": {"pipeline", "jobs"},
+}
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module))
+    return out
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_wrong_way_imports(package):
+    bad = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for line, mod in imported_modules(path):
+            if mod.split(".")[0] in FORBIDDEN[package]:
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {mod}")
+    assert not bad, "imports against the house direction:\n" + "\n".join(bad)
+
+
+def test_checker_catches_a_wrong_way_import(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from student.mole import add_mole\n    import torch\n")
+    assert [m for _, m in imported_modules(f)] == ["student.mole", "torch"]
+
+
+def test_cache_loads_without_torch_or_ray():
+    mods = sorted(p.stem for p in (ROOT / "cache").glob("*.py") if p.stem != "__main__")
+    code = (
+        "import importlib, sys\n"
+        f"for m in {mods!r}: importlib.import_module('cache.' + m if m != '__init__' else 'cache')\n"
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'ray'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
