@@ -1,0 +1,185 @@
+"""One extraction worker: all teachers loaded once, turning input shard i into cache shard i.
+
+Decisions:
+- The worker streams its shard: images are decoded and preprocessed (once per distinct
+  preprocessing among the teachers) in a thread pool a few batches ahead of the teachers, so
+  decode overlaps compute (PIL and torch both release the GIL).
+- Features are quantised batch by batch and only the encoded arrays are kept, so a shard never
+  exists as float32 in memory; the whole shard is then written and committed in one go.
+- A bad image (undecodable, truncated, a teacher output with NaN/Inf) is recorded in the shard's
+  commit marker with its reason and its row is marked invalid; it never fails the shard.
+- This class is plain Python; ``pipeline.extract`` wraps it in a Ray actor. It returns only a
+  small summary (feature tensors never travel through Ray's object store).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cache.codecs import NonFiniteError, check_finite, get_codec
+from cache.manifest import CacheManifest, PreprocessSpec
+from cache.preprocess import null_image_tensor, preprocess_image
+from cache.writer import NULL_KEY, CacheWriter
+from pipeline.extract_config import ExtractConfig
+from pipeline.packed_dataset import PackedDataset
+from pipeline.teachers import build_teacher
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class ShardExtractor:
+    """Loads every teacher once; ``process(shard)`` writes and commits one cache shard."""
+
+    def __init__(self, cfg: ExtractConfig, worker_id: int = 0, torch_threads: int | None = None):
+        self.cfg, self.worker_id = cfg, worker_id
+        self.device = resolve_device(cfg.device)
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.teachers = {s.name: build_teacher(s, device=self.device) for s in cfg.teachers}
+        specs = {}
+        for t in self.teachers.values():
+            specs.setdefault(t.preprocess_spec, len(specs))
+        self.pre_specs: dict[PreprocessSpec, int] = specs
+        self.packed = PackedDataset(cfg.packed)
+        self._writer: CacheWriter | None = None
+
+    def describe(self) -> list[dict]:
+        """The manifest entries of the loaded teachers (the driver builds the manifest from these)."""
+        return [t.manifest_entry(self.cfg.codec_for(n)).to_dict() for n, t in self.teachers.items()]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def writer(self, manifest: CacheManifest) -> CacheWriter:
+        if self._writer is None:
+            self._writer = CacheWriter.open(self.cfg.out, manifest)
+        return self._writer
+
+    # -- one shard ---------------------------------------------------------------------------
+    def process(self, shard: int, manifest_dict: dict) -> dict:
+        manifest = CacheManifest.from_dict(manifest_dict)
+        writer = self.writer(manifest)
+        t0 = time.perf_counter()
+        times: dict[str, float] = defaultdict(float)
+        if shard == manifest.num_shards:
+            keys, failed, enc, cls = self._null_row(times)
+        else:
+            keys, failed, enc, cls = self._run_shard(shard, times)
+        t_write = time.perf_counter()
+        writer.write_encoded(shard, keys, enc, *cls, failed=failed)
+        times["write"] += time.perf_counter() - t_write
+        total = time.perf_counter() - t0
+        return {"shard": shard, "images": len(keys), "failed": failed, "seconds": total,
+                "stage_seconds": dict(times), "worker": self.worker_id, "pid": os.getpid()}
+
+    def _run_shard(self, shard: int, times: dict):
+        members = list(self.packed.iter_shard(shard))
+        keys = [m[0] for m in members]
+        failed: dict[str, str] = {}
+        acc = _Accumulator(self.teachers, self.cfg)
+        for batch in self._batches(members, times):
+            bkeys = [b[0] for b in batch]
+            for key, _, err in batch:
+                if err:
+                    failed[key] = err
+            pixels = {sid: np.stack([b[1][sid] for b in batch]) for sid in self.pre_specs.values()}
+            acc.add(bkeys, pixels, self.pre_specs, failed, times, self.device)
+        return keys, failed, acc.encoded(), acc.cls()
+
+    def _null_row(self, times: dict):
+        pixels = {sid: null_image_tensor(spec)[None] for spec, sid in self.pre_specs.items()}
+        acc = _Accumulator(self.teachers, self.cfg)
+        failed: dict[str, str] = {}
+        acc.add([NULL_KEY], pixels, self.pre_specs, failed, times, self.device)
+        if failed:
+            raise RuntimeError(f"the no-image input produced invalid teacher outputs: {failed}")
+        return [NULL_KEY], failed, acc.encoded(), acc.cls()
+
+    def _batches(self, members, times) -> Iterator[list]:
+        """Decoded+preprocessed members in order, ``prefetch_batches`` batches ahead."""
+        size = self.cfg.batch_size
+        chunks = [members[i:i + size] for i in range(0, len(members), size)]
+        with ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="decode") as pool:
+            pending: deque = deque()
+            for chunk in chunks[: self.cfg.prefetch_batches]:
+                pending.append([pool.submit(self._load, m) for m in chunk])
+            for i in range(len(chunks)):
+                t = time.perf_counter()
+                batch = [f.result() for f in pending.popleft()]
+                times["wait_for_decode"] += time.perf_counter() - t
+                times["decode_preprocess"] += sum(b[3] for b in batch)
+                nxt = i + self.cfg.prefetch_batches
+                if nxt < len(chunks):
+                    pending.append([pool.submit(self._load, m) for m in chunks[nxt]])
+                yield [b[:3] for b in batch]
+
+    def _load(self, member) -> tuple[str, dict[int, np.ndarray], str | None, float]:
+        key, data, _meta = member
+        t = time.perf_counter()
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                out = {sid: preprocess_image(img, spec) for spec, sid in self.pre_specs.items()}
+            return key, out, None, time.perf_counter() - t
+        except Exception as e:  # noqa: BLE001 - any undecodable image is recorded, never fatal
+            zeros = {sid: null_image_tensor(spec) for spec, sid in self.pre_specs.items()}
+            return key, zeros, f"cannot decode image: {type(e).__name__}: {e}", time.perf_counter() - t
+
+
+class _Accumulator:
+    """Runs the teachers on batches and keeps their quantised outputs."""
+
+    def __init__(self, teachers: dict, cfg: ExtractConfig):
+        self.teachers, self.cfg = teachers, cfg
+        self.parts: dict[str, dict[str, list]] = {n: defaultdict(list) for n in teachers}
+        self.cls_state: list = []
+        self.cls_attn: list = []
+
+    def add(self, keys, pixels, pre_specs, failed, times, device) -> None:
+        for name, teacher in self.teachers.items():
+            x = torch.from_numpy(pixels[pre_specs[teacher.preprocess_spec]]).to(device)
+            t = time.perf_counter()
+            out = teacher.encode(x)
+            tokens = out.tokens.float().cpu().numpy()
+            times[f"teacher/{name}"] += time.perf_counter() - t
+            t = time.perf_counter()
+            self._mark_nonfinite(name, keys, tokens, failed)
+            tokens[[k in failed for k in keys]] = 0
+            for comp, arr in get_codec(self.cfg.codec_for(name)).encode(tokens).items():
+                self.parts[name][comp].append(arr)
+            times["quantise"] += time.perf_counter() - t
+            if name == self.cfg.cls_teacher:
+                self.cls_state.append(np.nan_to_num(out.cls_state.float().cpu().numpy()))
+                self.cls_attn.append(np.nan_to_num(out.cls_attn.float().cpu().numpy()))
+
+    @staticmethod
+    def _mark_nonfinite(name, keys, tokens, failed) -> None:
+        try:
+            check_finite(tokens)
+        except NonFiniteError as e:
+            for r in e.rows:
+                failed.setdefault(keys[r], f"teacher {name} produced NaN/Inf")
+
+    def encoded(self) -> dict[str, dict[str, np.ndarray]]:
+        return {n: {c: np.concatenate(v) for c, v in parts.items()} for n, parts in self.parts.items()}
+
+    def cls(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if not self.cls_state:
+            return None, None
+        return np.concatenate(self.cls_state), np.concatenate(self.cls_attn)
