@@ -22,7 +22,8 @@ from cache.manifest import (
 from cache.reader import CacheBatch, CacheError, FeatureCache, open_cache
 from cache.stats import compute_channel_stats
 from cache.verify import VerifyReport, verify_cache
-from cache.writer import NULL_KEY, CacheWriter, ShardCommit
+from cache.marker import NULL_KEY, ShardCommit
+from cache.writer import CacheWriter
 
 __all__ = [
     "FORMAT_VERSION", "NULL_KEY", "CacheBatch", "CacheError", "CacheManifest", "CacheWriter", "Codec",

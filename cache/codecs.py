@@ -135,8 +135,10 @@ def _lossless16(name: str, dtype: str, enc, dec, desc: str, exact: str, bound: f
 # -- symmetric absmax integer quantisation ---------------------------------------------------
 
 def _round_up_to(scale: np.ndarray, dtype) -> np.ndarray:
-    s = scale.astype(dtype)
-    low = s.astype(np.float32) < scale
+    """``scale`` (float64) -> ``dtype``, rounded up so that no stored scale is below the exact one."""
+    with np.errstate(over="ignore"):  # overflow is reported below, with what to do about it
+        s = scale.astype(dtype)
+    low = s.astype(np.float64) < scale
     if low.any():
         s[low] = np.nextafter(s[low], np.array(np.inf, dtype=dtype))
     if not np.isfinite(s).all():
@@ -146,7 +148,8 @@ def _round_up_to(scale: np.ndarray, dtype) -> np.ndarray:
 
 def _quantise(x: np.ndarray, absmax: np.ndarray, bits: int, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
     qmax = 2 ** (bits - 1) - 1
-    scale = _round_up_to(absmax / np.float32(qmax + 0.5), scale_dtype)
+    # float64 division: a float32 quotient rounded to nearest could sit below absmax/(qmax+0.5)
+    scale = _round_up_to(absmax.astype(np.float64) / (qmax + 0.5), scale_dtype)
     safe = np.where(scale > 0, scale.astype(np.float32), np.float32(1.0))
     q = np.clip(np.rint(x / safe), -qmax - 1, qmax).astype(np.int8)
     return q, scale
@@ -201,7 +204,8 @@ def _int4(name: str, group: int) -> Codec:
         nib[..., 0::2], nib[..., 1::2] = packed & 0x0F, packed >> 4
         q = (nib.astype(np.int8) << 4) >> 4  # sign-extend 4-bit two's complement
         s = p["scale"].astype(np.float32)
-        return (q.reshape(b, n, s.shape[-1], -1).astype(np.float32) * s[..., None]).reshape(b, n, half * 2)
+        groups = s.shape[-1]  # explicit group size: reshape(..., -1) fails for an empty batch
+        return (q.reshape(b, n, groups, half * 2 // groups).astype(np.float32) * s[..., None]).reshape(b, n, half * 2)
 
     return Codec(
         name=name, description=f"int4, absmax scale (float16) per group of {group} channels, 2 values/byte, zstd",

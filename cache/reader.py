@@ -22,6 +22,7 @@ import zarr
 from cache.codecs import get_codec
 from cache.layout import CLS_ATTN, CLS_STATE, COMMITS, STATS_FILE, TEACHERS, marker_name
 from cache.manifest import ATTRS_KEY, CacheManifest, ManifestError
+from cache.marker import ShardCommit
 from cache.store import Location
 
 
@@ -79,8 +80,13 @@ class FeatureCache:
                 continue  # temp files of an in-flight commit
             shard = int(name[6:11])
             raw = self.location.read_bytes(f"{COMMITS}/{name}")
+            if raw is None:
+                continue  # removed since listing: a rewrite of that shard has just uncommitted it
             try:
                 marker = json.loads(raw)
+                ShardCommit.from_dict(marker)
+                if marker["shard"] != shard:
+                    raise ValueError(f"it names shard {marker['shard']}")
             except (TypeError, ValueError) as e:
                 raise CacheError(f"{self.location.url}: commit marker {name} is unreadable ({e}); "
                                  f"run `movekd cache verify` and re-extract that shard") from e

@@ -1,7 +1,8 @@
 """Per-teacher channel statistics (mean/std over every valid token), stored for the trainer.
 
 Computed in one streaming pass, shard by shard, with float64 sums (Chan's parallel update of
-mean and M2, so large caches do not lose precision), and written atomically to ``stats.json``.
+mean and M2, so large caches do not lose precision), and written atomically to ``stats.json``;
+computing a subset of teachers replaces only their entries and keeps the others'.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def compute_channel_stats(
     out = {n: {"mean": acc[n][1].tolist(), "std": np.sqrt(acc[n][2] / max(acc[n][0], 1)).tolist(),
                "tokens": acc[n][0], "images": images} for n in names}
     if write:
-        doc = {"computed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "teachers": out}
+        # a subset updates its teachers and keeps the others' (stats --teachers a must not drop b)
+        old = cache.location.read_bytes(STATS_FILE)
+        kept = json.loads(old).get("teachers", {}) if old else {}
+        doc = {"computed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "teachers": {**kept, **out}}
         cache.location.write_atomic(STATS_FILE, json.dumps(doc).encode())
     return out
 

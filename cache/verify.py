@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from cache.codecs import bf16_bits_to_float
 from cache.layout import array_specs, shard_file_key
 from cache.reader import CacheError, FeatureCache
-from cache.writer import checksum
+from cache.marker import checksum
 
 
 @dataclass

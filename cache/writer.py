@@ -17,13 +17,11 @@ are store-independent and ``verify`` catches both undecodable and silently chang
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -33,43 +31,10 @@ from cache.codecs import NonFiniteError, check_finite, get_codec
 from cache.layout import CLS_ATTN, CLS_STATE, TEACHERS, create_arrays, marker_name
 from cache.manifest import ATTRS_KEY, CacheManifest
 from cache.reader import load_manifest
+from cache.marker import NULL_KEY, ShardCommit, checksum
 from cache.store import Location
 
 log = logging.getLogger(__name__)
-
-NULL_KEY = "__no_image__"
-MARKER_VERSION = 1
-
-
-def checksum(a: np.ndarray) -> str:
-    return "blake2b:" + hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
-
-
-@dataclass
-class ShardCommit:
-    """What a commit marker records (also returned by ``write_shard``)."""
-
-    shard: int
-    keys: list[str]
-    failed: dict[str, str] = field(default_factory=dict)
-    checksums: dict[str, str] = field(default_factory=dict)
-    written_at: str = ""
-    writer: str = ""
-
-    def to_dict(self) -> dict:
-        return {"marker_version": MARKER_VERSION, "shard": self.shard, "count": len(self.keys),
-                "keys": self.keys, "failed": self.failed, "checksums": self.checksums,
-                "written_at": self.written_at, "writer": self.writer}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "ShardCommit":
-        if d.get("marker_version") != MARKER_VERSION:
-            raise ValueError(f"commit marker version {d.get('marker_version')!r} unsupported")
-        if d.get("count") != len(d.get("keys", ())):
-            raise ValueError(f"commit marker of shard {d.get('shard')}: count != len(keys)")
-        return cls(int(d["shard"]), list(d["keys"]), dict(d["failed"]), dict(d["checksums"]),
-                   d.get("written_at", ""), d.get("writer", ""))
-
 
 class CacheWriter:
     """Writes shards of one cache. Use ``create`` (driver) or ``open`` (workers)."""

@@ -29,7 +29,8 @@ from PIL import Image
 from cache.codecs import NonFiniteError, check_finite, get_codec
 from cache.manifest import CacheManifest, PreprocessSpec
 from cache.preprocess import null_image_tensor, preprocess_image
-from cache.writer import NULL_KEY, CacheWriter
+from cache.marker import NULL_KEY
+from cache.writer import CacheWriter
 from pipeline.extract_config import ExtractConfig
 from pipeline.packed_dataset import PackedDataset
 from pipeline.teachers import build_teacher

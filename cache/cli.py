@@ -1,0 +1,391 @@
+"""Inspection CLI for a feature cache: ``python -m cache COMMAND`` or ``movekd cache COMMAND``.
+
+Commands: ``inspect`` (what is in a cache and what it costs on disk), ``verify`` (integrity),
+``show`` (statistics of one image), ``attn`` (the [CLS] attention of one image as a PNG) and
+``stats`` (compute and store per-teacher channel statistics).
+
+Decisions:
+- ``add_parser(subparsers)`` registers the ``cache`` verb for ``jobs/cli.py``; ``main(argv)`` is the
+  same commands without the verb. The parsers are built in one function, so both agree.
+- User errors (missing cache, wrong format version, unknown key or teacher, unreadable image)
+  print one line to stderr and exit 2 (``movekd -v`` re-raises them with the traceback);
+  ``verify`` exits 1 when it finds problems, 0 when clean.
+- ``inspect`` compares bytes on disk to raw bf16 (tokens x channels x 2 bytes per teacher per
+  image), the size the teachers' outputs would take uncompressed; bytes per image divides by the
+  committed data rows (failed rows included: they occupy rows too).
+- Pictures use matplotlib's object API on a bare ``Figure`` (Agg), never pyplot, so no global
+  backend state is touched; the image under ``attn --image`` goes through the teacher's own preprocessing,
+  following the CLS teacher's ``PreprocessSpec``, so the grid lines up with what the teacher saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+import numpy as np
+
+from cache.layout import STATS_FILE, TEACHERS
+from cache.manifest import FORMAT_NAME, PreprocessSpec, TeacherEntry
+from cache.reader import FeatureCache, load_manifest, open_cache
+from cache.stats import compute_channel_stats
+from cache.store import Location
+from cache.verify import verify_cache
+from cache.marker import NULL_KEY
+from cache.preprocess import preprocess_image
+
+class CliError(Exception):
+    """A user error reported as one line (exit 2)."""
+
+
+# -- parsers ---------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``cache`` verb on a ``movekd`` sub-parser collection."""
+    parser = subparsers.add_parser("cache", help="inspect, verify and summarise a feature cache",
+                                   description=__doc__.split("\n\n")[0])
+    _add_commands(parser)
+    return parser
+
+
+def build_parser(prog: str = "python -m cache") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    _add_commands(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+def _add_commands(parser: argparse.ArgumentParser) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("path", metavar="PATH", help="cache location: a directory or an fsspec URL (memory://, s3://)")
+    common.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+    sub = parser.add_subparsers(dest="cache_command", metavar="COMMAND")
+    p = sub.add_parser("inspect", parents=[common], help="teachers, images, shards and size of a cache")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    p.set_defaults(func=functools.partial(_guarded, _cmd_inspect))
+    p = sub.add_parser("verify", parents=[common], help="check completeness, checksums and decodability")
+    p.add_argument("--sample", type=int, default=16, metavar="N", help="images to decode end to end (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing the sampled images (default 0)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=functools.partial(_guarded, _cmd_verify))
+    p = sub.add_parser("show", parents=[common], help="per-teacher statistics of one image")
+    p.add_argument("key", metavar="KEY", help=f"image key (the no-image row is {NULL_KEY!r})")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.set_defaults(func=functools.partial(_guarded, _cmd_show))
+    p = sub.add_parser("attn", parents=[common], help="draw one image's [CLS] attention as a PNG heatmap")
+    p.add_argument("key", metavar="KEY", help=f"image key (the no-image row is {NULL_KEY!r})")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the PNG")
+    p.add_argument("--image", metavar="FILE", help="draw the heatmap over this image, cropped as the teacher saw it")
+    p.add_argument("--alpha", type=float, default=0.6, help="heatmap opacity over --image, 0..1 (default 0.6)")
+    p.set_defaults(func=functools.partial(_guarded, _cmd_attn))
+    p = sub.add_parser("stats", parents=[common], help="compute and store per-teacher channel mean/std")
+    p.add_argument("--teachers", metavar="A,B", help="comma-separated teachers (default: all)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=functools.partial(_guarded, _cmd_stats))
+    parser.set_defaults(func=functools.partial(_no_command, parser))
+
+
+def _no_command(parser: argparse.ArgumentParser, args) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _guarded(command, args) -> int:
+    """Run ``command``; user errors become one line on stderr and exit code 2."""
+    try:
+        return command(args)
+    except (CliError, ValueError, KeyError, OSError) as e:
+        if getattr(args, "verbose", False):  # `movekd -v cache ...`: show the traceback
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {'; '.join(line.strip() for line in str(msg).splitlines() if line.strip())}", file=sys.stderr)
+        return 2
+
+
+# -- inspect ---------------------------------------------------------------------------------
+
+def inspect_cache(cache: FeatureCache) -> dict:
+    """Everything ``inspect`` reports, as a JSON-ready dict."""
+    m = cache.manifest
+    data_keys = [k for s in cache.committed_shards for k in cache.commits[s]["keys"]]
+    failed = sum(1 for k in data_keys if not cache.is_valid(k))
+    rows = max(len(data_keys), 1)
+    total = cache.location.size_on_disk()
+    raw = sum(t.tokens * t.channels * 2 for t in m.teachers)
+    return {
+        "location": cache.location.url,
+        "manifest": {"format": FORMAT_NAME, "format_version": m.format_version, "dataset_name": m.dataset_name,
+                     "dataset_fingerprint": m.dataset_fingerprint, "created": m.created,
+                     "package_version": m.package_version, "num_shards": m.num_shards,
+                     "shard_size": m.shard_size, "cls_teacher": m.cls_teacher, "notes": dict(m.notes)},
+        "teachers": [_teacher_info(cache, t, rows) for t in m.teachers],
+        "images": {"valid": len(data_keys) - failed, "failed": failed, "total": len(data_keys)},
+        "shards": {"committed": len(cache.committed_shards), "total": m.num_shards,
+                   "null_row_committed": m.num_shards in cache.commits},
+        "bytes_on_disk": total,
+        "bytes_per_image": total / rows,
+        "raw_bf16_bytes_per_image": raw,
+        "ratio_to_raw_bf16": total / rows / raw,
+        "has_channel_stats": cache.location.exists(STATS_FILE),
+    }
+
+
+def _teacher_info(cache: FeatureCache, t: TeacherEntry, rows: int) -> dict:
+    size = _size_under(cache.location, f"{TEACHERS}/{t.name}")
+    raw = t.tokens * t.channels * 2
+    return {
+        "name": t.name, "family": t.family, "source": t.source, "layer": t.layer,
+        "weights_fingerprint": t.weights_fingerprint, "tokens": t.tokens, "grid": list(t.grid),
+        "channels": t.channels, "codec": t.codec, "compute_dtype": t.compute_dtype, "resample": t.resample,
+        "native_grid": list(t.native_grid) if t.native_grid else None, "has_cls": t.has_cls,
+        "is_cls_teacher": t.name == cache.manifest.cls_teacher,
+        "preprocess": t.preprocess.to_dict(), "preprocess_summary": preprocess_summary(t.preprocess),
+        "bytes_on_disk": size, "bytes_per_image": size / rows, "raw_bf16_bytes_per_image": raw,
+        "ratio_to_raw_bf16": size / rows / raw,
+    }
+
+
+def _size_under(loc: Location, rel: str) -> int:
+    try:
+        return Location(f"{loc.url.rstrip('/')}/{rel}").size_on_disk()
+    except FileNotFoundError:  # an fsspec store with nothing written under rel yet
+        return 0
+
+
+def preprocess_summary(p: PreprocessSpec) -> str:
+    parts = [f"{p.resolution} {p.resize}", p.interpolation]
+    if p.crop != "none":
+        parts.append(f"crop {p.crop}")
+    if p.pad != "none":
+        parts.append(f"pad {p.pad}")
+    parts.append(f"aspect {p.aspect}")
+    return ", ".join(parts)
+
+
+def _cmd_inspect(args) -> int:
+    info = inspect_cache(open_cache(args.path))
+    print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return 0
+
+
+def format_inspect(info: dict) -> str:
+    man, img, sh = info["manifest"], info["images"], info["shards"]
+    null = "committed" if sh["null_row_committed"] else "NOT committed"
+    lines = [
+        f"cache     {info['location']}",
+        f"format    {man['format']} v{man['format_version']} (movekd {man['package_version']}, "
+        f"created {man['created']})",
+        f"dataset   {man['dataset_name'] or '-'} (fingerprint {man['dataset_fingerprint']})",
+        f"shards    {sh['committed']}/{sh['total']} committed, {man['shard_size']} rows each; no-image row {null}",
+        f"images    {img['valid']} valid, {img['failed']} failed",
+        f"size      {_human(info['bytes_on_disk'])} on disk, {_human(info['bytes_per_image'])}/image, "
+        f"{info['ratio_to_raw_bf16']:.3f} x raw bf16 ({_human(info['raw_bf16_bytes_per_image'])}/image)",
+        f"stats     {'stats.json present' if info['has_channel_stats'] else 'none (run: stats PATH)'}",
+        "",
+        _teacher_table(info["teachers"]),
+    ]
+    if man["cls_teacher"]:
+        lines.append("* cls teacher ([CLS] state and attention stored in aux/)")
+    return "\n".join(lines)
+
+
+def _teacher_table(teachers: list[dict]) -> str:
+    rows = [[t["name"] + ("*" if t["is_cls_teacher"] else ""), t["family"], t["source"], t["layer"],
+             str(t["tokens"]), "x".join(map(str, t["grid"])), str(t["channels"]), t["codec"],
+             t["resample"] + (f" from {'x'.join(map(str, t['native_grid']))}" if t["native_grid"] else ""),
+             t["preprocess_summary"], _human(t["bytes_per_image"]), f"{t['ratio_to_raw_bf16']:.3f}"]
+            for t in teachers]
+    return table(["teacher", "family", "source", "layer", "tokens", "grid", "channels", "codec", "resample",
+                  "preprocess", "disk/img", "x bf16"], rows)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# -- verify ----------------------------------------------------------------------------------
+
+def _cmd_verify(args) -> int:
+    load_manifest(Location(args.path))  # missing cache / wrong version: exit 2, not a finding
+    report = verify_cache(args.path, sample=args.sample, seed=args.seed, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for problem in report.problems:
+            print(f"PROBLEM {problem}")
+        status = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
+        print(f"{status}: {report.shards_committed}/{report.shards_total} shards committed (incl. the no-image "
+              f"row), {report.shards_checked} checked, {report.rows_sampled} images decoded")
+    return 0 if report.ok else 1
+
+
+# -- show ------------------------------------------------------------------------------------
+
+def _require_key(cache: FeatureCache, key: str) -> None:
+    if key not in cache:
+        hint = "; the no-image row has not been written" if key == NULL_KEY else ""
+        raise CliError(f"image key {key!r} is not in any committed shard of {cache.location.url} "
+                       f"({len(cache)} readable keys){hint}")
+    if not cache.is_valid(key):
+        raise CliError(f"image {key!r} failed extraction ({cache.failed()[key]}); it has no features")
+
+
+def image_stats(cache: FeatureCache, key: str) -> dict:
+    """Per-teacher statistics of one image (and its [CLS] attention), as a JSON-ready dict."""
+    _require_key(cache, key)
+    batch = cache.read([key])
+    out = {"key": key, "row": int(batch.rows[0]), "teachers": {}}
+    for name, x in batch.features.items():
+        x = x[0].astype(np.float64)
+        out["teachers"][name] = {
+            "shape": list(x.shape), "codec": cache.manifest.teacher(name).codec,
+            "mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max()),
+            "absmax": float(np.abs(x).max()), "token_l2_mean": float(np.linalg.norm(x, axis=1).mean()),
+        }
+    if batch.cls_attn is not None:
+        out["cls_attn"] = attention_stats(batch.cls_attn[0], cache.manifest.teacher(cache.manifest.cls_teacher))
+        out["cls_state"] = {"shape": list(batch.cls_state[0].shape), "l2": float(np.linalg.norm(batch.cls_state[0]))}
+    return out
+
+
+def attention_stats(attn: np.ndarray, teacher: TeacherEntry) -> dict:
+    """Entropy (nats, of the row normalised to sum 1), max, and argmax as (row, col) of the grid."""
+    a = attn.astype(np.float64)
+    total = a.sum()
+    p = a / total if total > 0 else np.full_like(a, 1.0 / a.size)
+    entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    arg = int(a.argmax())
+    return {"teacher": teacher.name, "grid": list(teacher.grid), "sum": float(total), "entropy": entropy,
+            "max_entropy": float(np.log(a.size)), "max": float(a.max()), "argmax_token": arg,
+            "argmax_rc": list(divmod(arg, teacher.grid[1]))}
+
+
+def _cmd_show(args) -> int:
+    info = image_stats(open_cache(args.path), args.key)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"image {info['key']!r} (row {info['row']})")
+    rows = [[n, "x".join(map(str, s["shape"])), s["codec"]] + [f"{s[k]:.4g}" for k in
+            ("mean", "std", "min", "max", "absmax", "token_l2_mean")] for n, s in info["teachers"].items()]
+    print(table(["teacher", "shape", "codec", "mean", "std", "min", "max", "absmax", "L2/token"], rows))
+    if "cls_attn" in info:
+        a = info["cls_attn"]
+        print(f"\n[CLS] attention ({a['teacher']}, grid {a['grid'][0]}x{a['grid'][1]}): sum {a['sum']:.4g}, "
+              f"entropy {a['entropy']:.4g} nats (uniform {a['max_entropy']:.4g}), max {a['max']:.4g} "
+              f"at (row {a['argmax_rc'][0]}, col {a['argmax_rc'][1]})")
+        print(f"[CLS] state: {'x'.join(map(str, info['cls_state']['shape']))}, L2 {info['cls_state']['l2']:.4g}")
+    return 0
+
+
+# -- attn ------------------------------------------------------------------------------------
+
+def _cmd_attn(args) -> int:
+    if not 0.0 <= args.alpha <= 1.0:
+        raise CliError(f"--alpha must be within 0..1, got {args.alpha}")
+    cache = open_cache(args.path)
+    m = cache.manifest
+    if m.cls_teacher is None:
+        raise CliError(f"{cache.location.url} has no cls teacher (manifest cls_teacher is null): "
+                       "no [CLS] attention is stored")
+    _require_key(cache, args.key)
+    teacher = m.teacher(m.cls_teacher)
+    heat = cache.read([args.key], teachers=[]).cls_attn[0].reshape(teacher.grid)
+    picture = teacher_view(_load_image(args.image), teacher.preprocess) if args.image else None
+    draw_attention(heat, args.out, f"{args.key}  [CLS] attention of {teacher.name}", picture, args.alpha)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _load_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError) as e:
+        raise CliError(f"cannot read image {path}: {e}") from e
+
+
+def teacher_view(image, spec: PreprocessSpec) -> np.ndarray:
+    """The picture a teacher saw (uint8 HxWx3): its exact preprocessing, un-normalised."""
+    x = preprocess_image(image, spec)
+    mean, std = np.asarray(spec.mean)[:, None, None], np.asarray(spec.std)[:, None, None]
+    return (np.clip(x * std + mean, 0.0, 1.0) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+
+
+def draw_attention(heat: np.ndarray, out: str, title: str, picture: np.ndarray | None = None,
+                   alpha: float = 0.6) -> None:
+    """Save ``heat`` (grid rows x cols) as a PNG heatmap with a colorbar, over ``picture`` if given."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.figure import Figure  # object API: no pyplot, no global backend switch
+
+    fig = Figure(figsize=(5.5, 4.6), dpi=100)
+    ax = fig.add_subplot()
+    if picture is None:
+        im = ax.imshow(heat, cmap="inferno", interpolation="nearest")
+    else:
+        h, w = picture.shape[:2]
+        ax.imshow(picture, extent=(0, w, h, 0))
+        im = ax.imshow(heat, cmap="inferno", alpha=alpha, extent=(0, w, h, 0), interpolation="bilinear")
+    solid = ScalarMappable(norm=im.norm, cmap=im.cmap)  # the colorbar without the overlay's alpha
+    fig.colorbar(solid, ax=ax, label="head-mean [CLS] attention")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.savefig(out, format="png")
+
+
+# -- stats -----------------------------------------------------------------------------------
+
+def _cmd_stats(args) -> int:
+    cache = open_cache(args.path)
+    names = _teacher_list(cache, args.teachers)
+    if not any(cache.is_valid(k) for s in cache.committed_shards for k in cache.commits[s]["keys"]):
+        raise CliError(f"{cache.location.url} has no valid images in committed shards: nothing to compute")
+    out = compute_channel_stats(cache, names, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps({n: {k: v for k, v in s.items() if k in ("tokens", "images")} | _summary(s)
+                          for n, s in out.items()}, indent=2))
+        return 0
+    rows = [[n, str(s["images"]), str(s["tokens"]), str(len(s["mean"]))] +
+            [f"{v:.4g}" for v in _summary(s).values()] for n, s in out.items()]
+    print(table(["teacher", "images", "tokens", "channels", "mean min", "mean avg", "mean max",
+                 "std min", "std avg", "std max"], rows))
+    print(f"wrote {STATS_FILE} in {cache.location.url}")
+    return 0
+
+
+def _teacher_list(cache: FeatureCache, spec: str | None) -> list[str]:
+    names = list(cache.manifest.teacher_names)
+    if not spec:
+        return names
+    wanted = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names]
+    if unknown or not wanted:
+        raise CliError(f"unknown teacher(s) {unknown or spec!r}; this cache has {names}")
+    return wanted
+
+
+def _summary(s: dict) -> dict:
+    mean, std = np.asarray(s["mean"]), np.asarray(s["std"])
+    return {"mean_min": float(mean.min()), "mean_avg": float(mean.mean()), "mean_max": float(mean.max()),
+            "std_min": float(std.min()), "std_avg": float(std.mean()), "std_max": float(std.max())}

@@ -1,0 +1,268 @@
+"""The inspection CLI on synthetic caches: inspect (table and JSON), verify (exit codes 0/1/2),
+show, stats (checked against numpy through FeatureCache.channel_stats), attn (a real PNG, with
+and without an image underneath), one-line errors, and the two entry points as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cache import NULL_KEY, open_cache
+from cache import cli
+from tests.cache import synth
+
+ROOT = Path(__file__).resolve().parents[2]
+RAW_BF16 = 16 * 64 * 2 + 64 * 32 * 2 + 4 * 64 * 2  # tokens * channels * 2 bytes, summed over teachers
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def own_cache(tmp_path, manifest):
+    path = tmp_path / "c"
+    synth.build_cache(path, manifest)
+    return path
+
+
+def _truncate(path, rel="teachers/eva/values/c/1/0/0") -> str:
+    file = Path(path) / rel
+    file.write_bytes(file.read_bytes()[:100])
+    return rel
+
+
+# -- inspect -------------------------------------------------------------------------------------
+
+def test_inspect_table(capsys, built_cache):
+    code, out, err = run(capsys, "inspect", built_cache[0])
+    assert code == 0 and err == ""
+    for text in ("movekd-feature-cache v1", "3/3 committed", "no-image row committed", "10 valid, 1 failed",
+                 "toy (fingerprint sha256:toy-dataset)", "clip*", "bf16", "int8", "int4", "area from 3x3",
+                 "56 shortest_edge, bicubic, crop center, aspect square", "x raw bf16"):
+        assert text in out, text
+
+
+def test_inspect_json(capsys, built_cache):
+    path, manifest = built_cache
+    code, out, _ = run(capsys, "inspect", path, "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert info["images"] == {"valid": 10, "failed": 1, "total": 11}
+    assert info["shards"] == {"committed": 3, "total": 3, "null_row_committed": True}
+    assert info["manifest"]["format_version"] == 1 and info["manifest"]["dataset_name"] == "toy"
+    assert info["manifest"]["created"] == manifest.created and info["manifest"]["package_version"]
+    on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    assert info["bytes_on_disk"] == on_disk and info["raw_bf16_bytes_per_image"] == RAW_BF16
+    assert info["ratio_to_raw_bf16"] == pytest.approx(on_disk / 11 / RAW_BF16)
+    eva = {t["name"]: t for t in info["teachers"]}["eva"]
+    assert (eva["tokens"], eva["grid"], eva["channels"], eva["codec"]) == (64, [8, 8], 32, "int8")
+    assert eva["preprocess"]["resolution"] == 112 and not eva["is_cls_teacher"]
+    assert 0 < eva["bytes_on_disk"] < on_disk and eva["raw_bf16_bytes_per_image"] == 64 * 32 * 2
+
+
+def test_inspect_incomplete_cache(capsys, tmp_path, manifest):
+    synth.build_cache(tmp_path / "c", manifest, shards=[2], null=False)
+    code, out, _ = run(capsys, "inspect", tmp_path / "c", "--json")
+    info = json.loads(out)
+    assert info["shards"] == {"committed": 1, "total": 3, "null_row_committed": False}
+    assert info["images"] == {"valid": 3, "failed": 0, "total": 3}
+    assert "NOT committed" in run(capsys, "inspect", tmp_path / "c")[1]
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+def test_verify_exit_codes(capsys, own_cache, tmp_path):
+    code, out, err = run(capsys, "verify", own_cache, "--no-progress")
+    assert code == 0 and out.startswith("OK: 4/4 shards committed") and err == ""
+    code, out, _ = run(capsys, "verify", own_cache, "--json", "--sample", "3", "--no-progress")
+    assert code == 0 and json.loads(out)["rows_sampled"] == 3
+    rel = _truncate(own_cache)
+    code, out, _ = run(capsys, "verify", own_cache, "--no-progress")
+    assert code == 1 and "FAILED" in out
+    assert any(line.startswith("PROBLEM shard 00001") and rel in line for line in out.splitlines())
+    code, out, err = run(capsys, "verify", tmp_path / "missing")
+    assert code == 2 and out == "" and err.startswith("error: no cache at") and len(err.splitlines()) == 1
+
+
+def test_verify_reports_a_bit_flip(capsys, own_cache, manifest):
+    rel = "teachers/clip/values/c/2/0/0"
+    synth.flip_payload_bit(own_cache / rel, manifest.shard_size)
+    code, out, _ = run(capsys, "verify", own_cache, "--no-progress", "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["ok"]
+    assert any("shard 00002" in p and rel in p for p in report["problems"])
+
+
+def test_verify_incomplete_cache_exits_1(capsys, tmp_path, manifest):
+    synth.build_cache(tmp_path / "c", manifest, shards=[0, 1], null=True)
+    code, out, _ = run(capsys, "verify", tmp_path / "c", "--no-progress")
+    assert code == 1 and "PROBLEM shard 00002 (data shard): not committed" in out
+
+
+def test_progress_bars_are_drawn_unless_disabled(capsys, built_cache):
+    assert "verify shards" in run(capsys, "verify", built_cache[0])[2]
+    assert run(capsys, "verify", built_cache[0], "--no-progress")[2] == ""
+
+
+# -- show ----------------------------------------------------------------------------------------
+
+def test_show_matches_numpy(capsys, built_cache):
+    path, manifest = built_cache
+    code, out, _ = run(capsys, "show", path, "img-002-01", "--json")
+    info = json.loads(out)
+    batch = open_cache(path).read(["img-002-01"])
+    x = batch.features["eva"][0].astype(np.float64)
+    eva = info["teachers"]["eva"]
+    assert code == 0 and eva["shape"] == [64, 32] and eva["codec"] == "int8"
+    for name, value in (("mean", x.mean()), ("std", x.std()), ("min", x.min()), ("max", x.max()),
+                        ("absmax", np.abs(x).max()), ("token_l2_mean", np.linalg.norm(x, axis=1).mean())):
+        assert eva[name] == pytest.approx(value, rel=1e-9), name
+    attn = batch.cls_attn[0].astype(np.float64)
+    p = attn / attn.sum()
+    assert info["cls_attn"]["entropy"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-9)
+    assert info["cls_attn"]["max"] == pytest.approx(attn.max())
+    assert info["cls_attn"]["argmax_rc"] == list(divmod(int(attn.argmax()), synth.CLS_GRID[1]))
+
+
+def test_show_table_and_key_errors(capsys, built_cache):
+    path = built_cache[0]
+    code, out, _ = run(capsys, "show", path, "img-000-00")
+    assert code == 0 and "eva" in out and "64x32" in out and "[CLS] attention (clip, grid 4x4)" in out
+    assert run(capsys, "show", path, NULL_KEY)[0] == 0
+    code, out, err = run(capsys, "show", path, "img-001-01")
+    assert code == 2 and out == "" and "failed extraction" in err and "truncated JPEG" in err
+    code, _, err = run(capsys, "show", path, "no-such-image")
+    assert code == 2 and err.startswith("error: image key 'no-such-image' is not in any committed shard")
+
+
+# -- stats ---------------------------------------------------------------------------------------
+
+def test_stats_stored_values_match_numpy(capsys, own_cache):
+    code, out, _ = run(capsys, "stats", own_cache, "--teachers", "eva", "--no-progress")
+    assert code == 0 and "eva" in out and "wrote stats.json" in out
+    code, _, _ = run(capsys, "stats", own_cache, "--teachers", "clip,convnext", "--no-progress")
+    cache = open_cache(own_cache)
+    valid = [k for k in cache.keys() if cache.is_valid(k) and k != NULL_KEY]
+    assert len(valid) == 10
+    feats = cache.read(valid).features
+    for name in ("eva", "clip", "convnext"):  # a later subset keeps the earlier teachers' statistics
+        x = feats[name].reshape(-1, feats[name].shape[-1]).astype(np.float64)
+        stats = cache.channel_stats(name)
+        np.testing.assert_allclose(stats["mean"], x.mean(axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats["std"], x.std(axis=0), rtol=1e-5)
+
+
+def test_stats_errors(capsys, own_cache, tmp_path, manifest):
+    code, _, err = run(capsys, "stats", own_cache, "--teachers", "eva,sam")
+    assert code == 2 and "unknown teacher(s) ['sam']" in err
+    empty = tmp_path / "empty"
+    synth.build_cache(empty, manifest, shards=[], null=False)
+    code, _, err = run(capsys, "stats", empty)
+    assert code == 2 and "nothing to compute" in err
+
+
+# -- attn ----------------------------------------------------------------------------------------
+
+def _png(path) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode in ("RGB", "RGBA")
+        assert 300 <= im.width <= 2000 and 300 <= im.height <= 2000
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+def test_attn_heatmap_with_and_without_image(capsys, built_cache, tmp_path):
+    path = built_cache[0]
+    code, out, _ = run(capsys, "attn", path, "img-000-02", "--out", tmp_path / "plain.png")
+    assert code == 0 and "wrote" in out
+    plain = _png(tmp_path / "plain.png")
+    assert plain.std() > 10 and len(np.unique(plain.reshape(-1, 3), axis=0)) > 20  # not blank
+    yy, xx = np.mgrid[0:90, 0:160]
+    picture = np.stack([xx * 255 // 159, yy * 255 // 89, np.full_like(xx, 60)], axis=-1).astype(np.uint8)
+    Image.fromarray(picture).save(tmp_path / "photo.png")
+    code, _, _ = run(capsys, "attn", path, "img-000-02", "--out", tmp_path / "over.png",
+                     "--image", tmp_path / "photo.png", "--alpha", "0.4")
+    over = _png(tmp_path / "over.png")
+    assert code == 0 and over.shape == plain.shape and np.abs(over - plain).mean() > 1
+
+
+def test_teacher_view_follows_the_preprocess_spec():
+    from cache.manifest import PreprocessSpec
+
+    img = Image.new("RGB", (160, 90), (10, 200, 30))
+    assert cli.teacher_view(img, PreprocessSpec(resolution=56)).shape == (56, 56, 3)
+    sam = PreprocessSpec(resolution=64, resize="longest_edge", crop="none", pad="bottom_right")
+    view = cli.teacher_view(img, sam)
+    # SAM pads with zeros after normalisation: un-normalised, the padding shows as the mean colour
+    mean_rgb = np.round(np.asarray(sam.mean) * 255).astype(np.uint8)
+    assert view.shape == (64, 64, 3) and (view[40:, :, :] == mean_rgb).all()
+    assert np.abs(view[:30].astype(int) - (10, 200, 30)).max() <= 2  # the image itself, top-left
+    pad = cli.teacher_view(img, PreprocessSpec(resolution=32, aspect="pad"))
+    assert pad.shape == (32, 32, 3) and tuple(pad[0, 0]) != (10, 200, 30)  # mean-colour border
+
+
+def test_attn_errors(capsys, built_cache, tmp_path, manifest):
+    path = built_cache[0]
+    out = tmp_path / "x.png"
+    assert run(capsys, "attn", path, "img-001-01", "--out", out)[0] == 2
+    code, _, err = run(capsys, "attn", path, "img-000-00", "--out", out, "--alpha", "3")
+    assert code == 2 and "--alpha" in err
+    (tmp_path / "not-an-image.jpg").write_text("hello")
+    code, _, err = run(capsys, "attn", path, "img-000-00", "--out", out, "--image", tmp_path / "not-an-image.jpg")
+    assert code == 2 and "cannot read image" in err
+    synth.build_cache(tmp_path / "nocls", synth.make_manifest(cls=False), shards=[0], null=False)
+    code, _, err = run(capsys, "attn", tmp_path / "nocls", "img-000-00", "--out", out)
+    assert code == 2 and "has no cls teacher" in err and not out.exists()
+
+
+# -- errors and entry points ---------------------------------------------------------------------
+
+def test_wrong_version_is_one_line_exit_2(capsys, own_cache):
+    meta = json.loads((own_cache / "zarr.json").read_text())
+    meta["attributes"]["movekd"]["format_version"] = 99
+    (own_cache / "zarr.json").write_text(json.dumps(meta))
+    for command in (["inspect"], ["verify"], ["show", None], ["stats"]):
+        argv = [command[0], own_cache] + (["img-000-00"] if len(command) > 1 else [])
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and out == "" and len(err.splitlines()) == 1, (command, err)
+        assert "format version 99 is not supported" in err and "Traceback" not in err
+
+
+def test_every_option_has_help():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "cache_command").choices
+    assert set(commands) == {"inspect", "verify", "show", "attn", "stats"}
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"{name}: {action.dest} has no help text"
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_python_m_cache_and_movekd_cache_entry_points(own_cache):
+    res = _cli("-m", "cache", "--help")
+    assert res.returncode == 0 and all(c in res.stdout for c in ("inspect", "verify", "show", "attn", "stats"))
+    res = _cli("-m", "jobs.cli", "cache", "--help")
+    assert res.returncode == 0 and "usage: movekd cache" in res.stdout and "verify" in res.stdout
+    res = _cli("-m", "jobs.cli", "cache", "verify", "--help")
+    assert res.returncode == 0 and "--sample N" in res.stdout and "--no-progress" in res.stdout
+    res = _cli("-m", "jobs.cli", "cache", "inspect", own_cache, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["images"]["failed"] == 1
+    rel = _truncate(own_cache)
+    res = _cli("-m", "jobs.cli", "cache", "verify", own_cache, "--no-progress")
+    assert res.returncode == 1 and rel in res.stdout and "shard 00001" in res.stdout
+    res = _cli("-m", "cache", "show", own_cache.parent / "nope", "k")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "no cache at" in res.stderr
