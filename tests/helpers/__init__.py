@@ -1,0 +1,1 @@
+"""Shared test helpers (plain modules, importable from subprocesses too)."""
