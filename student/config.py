@@ -1,0 +1,156 @@
+"""``TrainConfig``: every knob of a student training run, as one frozen dataclass.
+
+Decisions:
+- The dataclass defaults ARE the stage-1 (pretrain) recipe of REFERENCE section 7 (LLaVA-1.5 /
+  released MoVE-KD scripts); ``preset("finetune")`` is the stage-2 recipe. A variant changes a
+  field of a preset with ``dataclasses.replace`` or ``preset(stage, **overrides)``. There are no
+  "None means stage default" fields: the stored config always holds the concrete values used,
+  so a checkpoint's config says exactly what ran.
+- ``tune_vision_base``: what happens to the base CLIP weights in stage 2. The released finetune
+  script passes ``--tune_all True`` and ``train.py`` then calls ``model.requires_grad_(True)``
+  (the tower's ``@torch.no_grad`` is commented out), so the base CLIP weights ARE trained in
+  stage 2, next to MoLE, projector, adapters and the LLM. ``preset("finetune")`` sets it True;
+  set it False for LLaVA-1.5's frozen tower. Stage 1 never tunes them.
+- ``bf16=None`` means "bf16 autocast on CUDA, fp32 on CPU"; trainable weights stay fp32 masters.
+- Paths are plain strings (JSON-friendly); nothing here touches the filesystem.
+- ``to_dict``/``from_dict`` round-trip through JSON; unknown keys (also nested in ``mole``/``kd``)
+  raise ``ValueError`` naming them, so a typo in a YAML preset fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from student.kd_loss import KDConfig
+from student.mole import MoLEConfig
+
+STAGES = ("pretrain", "finetune")
+TEMPLATES = ("plain", "vicuna_v1")
+ASPECTS = ("square", "pad")
+SCHEDULES = ("cosine",)
+STRATEGIES = ("ddp", "fsdp")
+ADAPTER_KINDS = ("auto", "token_linear", "mlp")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults are stage 1 (pretrain) of MoVE-KD / LLaVA-1.5."""
+
+    stage: str = "pretrain"
+    # -- paths -----------------------------------------------------------------------------
+    vision_tower: str = "openai/clip-vit-large-patch14-336"
+    llm: str = "lmsys/vicuna-7b-v1.5"
+    tokenizer: str = ""  # "" = the LLM's folder
+    cache: str = ""  # the teacher feature cache (zarr root)
+    image_root: str = ""  # packed image dir or image folder
+    data_json: str = ""  # LLaVA-format conversations
+    output_dir: str = "runs/movekd"
+    init_from: str = ""  # a previous stage's export_pretrained dir ("" = start from vision_tower/llm)
+    # -- model / data ----------------------------------------------------------------------
+    teachers: tuple[str, ...] | None = None  # None = every teacher in the cache
+    template: str = "plain"
+    image_aspect_ratio: str = "square"
+    max_length: int = 2048
+    projector: str = "mlp2x_gelu"
+    adapter_kind: str = "auto"
+    mole: MoLEConfig = field(default_factory=MoLEConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    tune_vision_base: bool = False
+    attn_implementation: str = ""  # "" = flash_attention_2 when usable, else sdpa
+    # -- optimisation ----------------------------------------------------------------------
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"
+    epochs: int = 1
+    batch_size: int = 16  # per device
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # HF Trainer's default, which LLaVA's scripts keep
+    max_steps: int | None = None  # cap on optimizer steps (None = epochs decide)
+    seed: int = 42
+    bf16: bool | None = None  # None = on iff CUDA
+    gradient_checkpointing: bool = True
+    group_by_modality_length: bool = False
+    num_workers: int = 4
+    # -- bookkeeping -----------------------------------------------------------------------
+    log_every: int = 1
+    save_every: int = 1000
+    keep_last_k: int = 2
+    distributed: str = "ddp"
+    find_unused_parameters: bool = False
+    plot: bool = True
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.teachers is not None:
+            object.__setattr__(self, "teachers", tuple(str(t) for t in self.teachers))
+            if not self.teachers or len(set(self.teachers)) != len(self.teachers):
+                raise ValueError(f"TrainConfig.teachers must be non-empty and unique, got {self.teachers}")
+        for name, value, allowed in (
+            ("stage", self.stage, STAGES), ("template", self.template, TEMPLATES),
+            ("image_aspect_ratio", self.image_aspect_ratio, ASPECTS), ("schedule", self.schedule, SCHEDULES),
+            ("distributed", self.distributed, STRATEGIES), ("adapter_kind", self.adapter_kind, ADAPTER_KINDS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
+        self._check_numbers()
+        if self.stage == "pretrain" and self.tune_vision_base:
+            raise ValueError("TrainConfig.tune_vision_base=True is a stage-2 (finetune) option; "
+                             "stage 1 trains projector, MoLE and adapters only")
+
+    def _check_numbers(self) -> None:
+        positive = ("max_length", "epochs", "batch_size", "grad_accum", "log_every", "save_every", "keep_last_k")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.num_workers < 0:
+            raise ValueError("TrainConfig.weight_decay and num_workers must be >= 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"TrainConfig.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"TrainConfig.max_steps must be >= 1 or None, got {self.max_steps}")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.llm
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["mole"], d["kd"] = self.mole.to_dict(), self.kd.to_dict()
+        d["teachers"] = list(self.teachers) if self.teachers is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"TrainConfig.from_dict needs a mapping, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field(s) {unknown}")
+        d = dict(d)
+        if isinstance(d.get("mole"), Mapping):
+            d["mole"] = MoLEConfig.from_dict(d["mole"])
+        if isinstance(d.get("kd"), Mapping):
+            d["kd"] = KDConfig.from_dict(d["kd"])
+        return cls(**d)
+
+
+_FINETUNE = dict(
+    stage="finetune", template="vicuna_v1", image_aspect_ratio="pad", lr=2e-5, batch_size=8,
+    group_by_modality_length=True, tune_vision_base=True,
+)
+
+
+def preset(stage: str, **overrides: Any) -> TrainConfig:
+    """The REFERENCE section 7 recipe of ``stage`` ("pretrain" | "finetune"), then ``overrides``."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; use one of {STAGES}")
+    base = dict(_FINETUNE) if stage == "finetune" else {"stage": "pretrain"}
+    base.update(overrides)
+    return TrainConfig.from_dict(base)
