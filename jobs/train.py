@@ -1,0 +1,202 @@
+"""``movekd train`` / ``python -m jobs.train``: train the MoLE student from a feature cache.
+
+Single process::
+
+    movekd train --config train_tiny --set cache=DIR/cache --set image_root=DIR/packed ...
+
+Several GPUs or nodes (torch.distributed via torchrun; this entry point reads torchrun's
+environment, library code never does)::
+
+    torchrun --nproc_per_node 8 -m jobs.train --config train_v1_0_pretrain
+    torchrun --nnodes 2 --node_rank R --master_addr HEAD --master_port 29500 --nproc_per_node 8 \\
+        -m jobs.train --config train_v1_0_pretrain
+
+``--resume`` continues exactly from the newest checkpoint in ``output_dir``. ``--online-teachers
+EXTRACT_CONFIG`` runs the original MoVE-KD way for reference: the teachers of that extraction
+config compute the targets live every step instead of reading them from the cache.
+
+A config may hold a ``tiny_student: {dir: ...}`` block: tiny random-weight CLIP/LLM/tokenizer
+are created there (if missing) and used, which is how the bundled sample trains offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("movekd.train")
+
+HELP = """Train the MoVE-KD student (MoLE CLIP + adapters + projector + LLM) in LLaVA's two stages,
+streaming teacher targets from a feature cache. Checkpoints are atomic; --resume is exact."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True,
+                   help="YAML config: a file path or a preset name from jobs/configs (train_tiny, "
+                        "train_v1_0_pretrain, train_v1_0_finetune)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TrainConfig field (dotted keys, YAML values), e.g. --set lr=2e-5 "
+                        "--set kd.teacher_weighting=paper --set mole.rank=16; repeatable")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in output_dir")
+    p.add_argument("--online-teachers", metavar="EXTRACT_CONFIG",
+                   help="compute the targets live with the teachers of this extraction config/preset "
+                        "(reference mode, as in the original MoVE-KD) instead of reading the cache")
+    p.add_argument("--max-steps", type=int, help="shortcut for --set max_steps=N")
+    p.add_argument("--no-export", action="store_true", help="do not export the trained student at the end")
+    p.add_argument("--print-config", action="store_true", help="print the resolved TrainConfig as JSON and exit")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train the MoLE student from a feature cache", description=HELP)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def resolve_config(args: argparse.Namespace):
+    from pipeline.extract_config import load_yaml_config, parse_override
+    from student.config import TrainConfig
+
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    data = materialize_tiny_student(load_yaml_config(args.config, overrides))
+    return TrainConfig.from_dict(data)
+
+
+def materialize_tiny_student(data: dict[str, Any]) -> dict[str, Any]:
+    """Replace a ``tiny_student`` block by the paths of freshly made (or existing) tiny models."""
+    tiny = data.pop("tiny_student", None)
+    if tiny is None:
+        return data
+    from student.tiny import make_tiny_llava_parts
+
+    root = tiny["dir"]
+    if not os.path.isfile(os.path.join(root, "llm", "config.json")):
+        make_tiny_llava_parts(root)
+    data.update(vision_tower=os.path.join(root, "vision"), llm=os.path.join(root, "llm"),
+                tokenizer=os.path.join(root, "tokenizer"))
+    return data
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+
+def init_distributed() -> Dist:
+    """torchrun's environment -> a process group (NCCL on GPU, gloo on CPU) and this rank's device."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    if world > 1 and not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(int(os.environ.get("RANK", "0")), world, local, device)
+
+
+def student_preprocess(cfg):
+    """What the student's CLIP sees: LLaVA's CLIP processor at the tower's size and the stage's aspect."""
+    import movekd_compat  # noqa: F401
+    from transformers import AutoConfig
+
+    from cache.manifest import PreprocessSpec
+
+    path = os.path.join(cfg.init_from, "vision") if cfg.init_from else cfg.vision_tower
+    vcfg = AutoConfig.from_pretrained(path)
+    vcfg = getattr(vcfg, "vision_config", vcfg)
+    return PreprocessSpec(resolution=int(vcfg.image_size), aspect=cfg.image_aspect_ratio)
+
+
+def build_training(cfg, dist_info: Dist, online: str | None = None):
+    """Everything the Trainer needs, built from the config (also used by tests and benchmarks)."""
+    import movekd_compat  # noqa: F401
+    import torch
+    from transformers import AutoTokenizer
+
+    if online:
+        from jobs.online_teachers import online_config
+
+        cfg = online_config(cfg)
+
+    from cache import open_cache
+    from jobs.image_source import PackedImageSource, check_pack_matches_cache, records_from_packed
+    from student.data import DistillDataset, collate_distill
+    from student.model import build_student
+    from student.sampler import DistributedLengthGroupedSampler
+    from student.trainer import Trainer
+
+    cache = open_cache(cfg.cache)
+    check_pack_matches_cache(cfg.image_root, cache)
+    records = records_from_packed(cfg.image_root, cfg.data_json)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    images = PackedImageSource(cfg.image_root)
+    dataset = DistillDataset(records, images, cache, tokenizer, preprocess=student_preprocess(cfg),
+                             template=cfg.template, teachers=cfg.teachers, max_length=cfg.max_length)
+    for reason, info in {**records.skipped, **dataset.skipped}.items():
+        log.warning("skipped %d rows: %s (e.g. %s)", info["count"], reason, ", ".join(info["examples"][:3]))
+    sampler = DistributedLengthGroupedSampler.from_dataset(
+        dataset, cfg.batch_size, grouping="modality_length" if cfg.group_by_modality_length else "none",
+        world_size=dist_info.world_size, rank=dist_info.rank, seed=cfg.seed)
+    collate = functools.partial(collate_distill, pad_token_id=tokenizer.pad_token_id)
+    if online:
+        from jobs.online_teachers import OnlineTargets
+
+        collate = OnlineTargets.from_config(online, images, collate, dist_info.device, dataset.teachers)
+    bf16 = torch.device(dist_info.device).type == "cuda"
+    model = build_student(cfg, cache.manifest, compute_dtype=torch.bfloat16 if bf16 else None)
+    trainer = Trainer(cfg, model, dataset, collate, sampler, rank=dist_info.rank,
+                      world_size=dist_info.world_size, device=dist_info.device)
+    return trainer, tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the dataset tokenises before workers fork
+    try:
+        cfg = resolve_config(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"movekd train: bad config: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    dist_info = init_distributed()
+    try:
+        trainer, tokenizer = build_training(cfg, dist_info, args.online_teachers)
+        state = trainer.train(resume=args.resume)
+    except ValueError as e:  # bad cache/config/checkpoint: one clear line, no traceback
+        print(f"movekd train: {e}", file=sys.stderr)
+        return 2
+    if dist_info.rank == 0:
+        print(f"trained to step {state.step} (epoch {state.epoch}); log {trainer.log_path}, plot {trainer.plot_path}")
+        if not args.no_export and not (dist_info.world_size > 1 and cfg.distributed == "fsdp"):
+            from student.export import export_pretrained
+
+            out = export_pretrained(trainer.model, os.path.join(cfg.output_dir, "export"), tokenizer)
+            print(f"exported the trained student to {out} (load with student.export.load_pretrained)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=HELP)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
