@@ -49,6 +49,23 @@ def build_parser(verbs: dict[str, str] | None = None) -> argparse.ArgumentParser
     return parser
 
 
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_module(prog: str, description: str, add_arguments, run, argv: list[str] | None = None) -> int:
+    """``python -m jobs.VERB``: the verb's own parser and runner, without the ``movekd`` wrapper."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    return int(run(args) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbs = VERBS
@@ -57,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         verbs = {argv[0]: VERBS[argv[0]]}
     parser = build_parser(verbs)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     if not getattr(args, "func", None):
         build_parser().print_help()
         return 2

@@ -190,12 +190,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=HELP)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    return run(args)
+    from jobs.cli import run_module
+
+    return run_module("python -m jobs.train", HELP, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
