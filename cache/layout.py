@@ -69,6 +69,8 @@ def _compressor(spec: ArraySpec):
         return BloscCodec(cname="zstd", clevel=ZSTD_LEVEL, shuffle="shuffle", typesize=np.dtype(spec.dtype).itemsize)
     if spec.compressor == "zstd":
         return ZstdCodec(level=ZSTD_LEVEL)
+    if spec.compressor == "zstd-1":  # low-entropy int8 levels (ecsq): level 3's short matches cost bits
+        return ZstdCodec(level=1)
     raise ValueError(f"unknown compressor {spec.compressor!r} for {spec.path}")
 
 

@@ -4,8 +4,8 @@ Decisions:
 - The worker streams its shard: images are decoded and preprocessed (once per distinct
   preprocessing among the teachers) in a thread pool a few batches ahead of the teachers, so
   decode overlaps compute (PIL and torch both release the GIL).
-- Features are quantised batch by batch and only the encoded arrays are kept, so a shard never
-  exists as float32 in memory; the whole shard is then written and committed in one go.
+- Features are quantised batch by batch (on the GPU when there is one) and only the encoded arrays
+  are kept, so a shard never exists as float32 in memory; it is then written and committed whole.
 - A bad image (undecodable, truncated, a teacher output with NaN/Inf) is recorded in the shard's
   commit marker with its reason and its row is marked invalid; it never fails the shard.
 - This class is plain Python; ``pipeline.extract`` wraps it in a Ray actor. It returns only a
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cache.codecs import NonFiniteError, check_finite, get_codec
+from cache.codecs import NonFiniteError, get_codec
 from cache.manifest import CacheManifest, PreprocessSpec
 from cache.preprocess import null_image_tensor, preprocess_image
 from cache.marker import NULL_KEY
@@ -34,6 +34,7 @@ from cache.writer import CacheWriter
 from pipeline.extract_config import ExtractConfig
 from pipeline.packed_dataset import PackedDataset
 from pipeline.teachers import build_teacher
+from pipeline.torch_codecs import encode_torch
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,17 @@ class ShardExtractor:
             return key, zeros, f"cannot decode image: {type(e).__name__}: {e}", time.perf_counter() - t
 
 
+def _encode_on(codec: str, tokens: torch.Tensor) -> dict[str, np.ndarray]:
+    """Quantise where the tokens are: torch kernels on a GPU (only encoded bytes cross to the
+    host), numpy on the CPU, where it measured 1.5-7x faster. Both are bit-identical."""
+    if tokens.device.type == "cuda":
+        return encode_torch(codec, tokens)
+    return get_codec(codec).encode(tokens.float().numpy())
+
+
 class _Accumulator:
-    """Runs the teachers on batches and keeps their quantised outputs."""
+    """Runs the teachers on batches and keeps their quantised outputs. On a GPU quantisation runs
+    on the device (``pipeline.torch_codecs``): only the encoded arrays reach the host."""
 
     def __init__(self, teachers: dict, cfg: ExtractConfig):
         self.teachers, self.cfg = teachers, cfg
@@ -157,25 +167,40 @@ class _Accumulator:
             x = torch.from_numpy(pixels[pre_specs[teacher.preprocess_spec]]).to(device)
             t = time.perf_counter()
             out = teacher.encode(x)
-            tokens = out.tokens.float().cpu().numpy()
+            self._synchronize(out.tokens)  # CUDA runs ahead: wait, so each stage is timed honestly
             times[f"teacher/{name}"] += time.perf_counter() - t
             t = time.perf_counter()
-            self._mark_nonfinite(name, keys, tokens, failed)
-            tokens[[k in failed for k in keys]] = 0
-            for comp, arr in get_codec(self.cfg.codec_for(name)).encode(tokens).items():
+            for comp, arr in self._encode(name, keys, out.tokens, failed).items():
                 self.parts[name][comp].append(arr)
+            self._synchronize(out.tokens)
             times["quantise"] += time.perf_counter() - t
             if name == self.cfg.cls_teacher:
                 self.cls_state.append(np.nan_to_num(out.cls_state.float().cpu().numpy()))
                 self.cls_attn.append(np.nan_to_num(out.cls_attn.float().cpu().numpy()))
 
-    @staticmethod
-    def _mark_nonfinite(name, keys, tokens, failed) -> None:
+    def _encode(self, name, keys, tokens, failed) -> dict[str, np.ndarray]:
+        """Quantise on the tokens' device; rows of failed images (and of NaN/Inf outputs, which
+        are marked failed here) are zeroed first, so they store zeros."""
+        codec = self.cfg.codec_for(name)
         try:
-            check_finite(tokens)
+            return _encode_on(codec, self._zero_rows(tokens, [k in failed for k in keys]))
         except NonFiniteError as e:
             for r in e.rows:
                 failed.setdefault(keys[r], f"teacher {name} produced NaN/Inf")
+        return _encode_on(codec, self._zero_rows(tokens, [k in failed for k in keys]))
+
+    @staticmethod
+    def _zero_rows(tokens: torch.Tensor, rows: list[bool]) -> torch.Tensor:
+        """``tokens`` with the flagged batch rows zeroed, out of place (teacher outputs are
+        inference tensors)."""
+        if not any(rows):
+            return tokens
+        return tokens.masked_fill(torch.tensor(rows, device=tokens.device)[:, None, None], 0.0)
+
+    @staticmethod
+    def _synchronize(t: torch.Tensor) -> None:
+        if t.device.type == "cuda":
+            torch.cuda.synchronize(t.device)
 
     def encoded(self) -> dict[str, dict[str, np.ndarray]]:
         return {n: {c: np.concatenate(v) for c, v in parts.items()} for n, parts in self.parts.items()}
@@ -184,3 +209,4 @@ class _Accumulator:
         if not self.cls_state:
             return None, None
         return np.concatenate(self.cls_state), np.concatenate(self.cls_attn)
+

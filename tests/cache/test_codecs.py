@@ -15,12 +15,12 @@ from cache.codecs import bf16_bits_to_float, float_to_bf16_bits
 from tests.cache.synth import single_teacher_manifest
 
 INTEGER_CODECS = [c for c in list_codecs() if get_codec(c).lossless_from is None]
-GROUP = {"int8": 1, "int8_channel": 1, "int4": 32, "int4_g64": 64}
+GROUP = {"int8": 1, "int8_channel": 1, "ecsq": 1, "int4": 32, "int4_g64": 64}
 PROPS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def test_registry_lists_every_preset_and_rejects_unknown_names():
-    assert set(list_codecs()) >= {"bf16", "fp16", "int8", "int8_channel", "int4", "int4_g64"}
+    assert set(list_codecs()) >= {"bf16", "fp16", "int8", "int8_channel", "ecsq", "int4", "int4_g64"}
     assert set(INTEGER_CODECS) == set(GROUP)
     with pytest.raises(ValueError, match="unknown codec 'int3'.*available"):
         get_codec("int3")
@@ -94,7 +94,7 @@ def _check_half_step(name: str, x: np.ndarray) -> None:
     np.testing.assert_array_equal(y[x == 0], 0)
 
 
-@pytest.mark.parametrize("name", ["int8", "int8_channel"])
+@pytest.mark.parametrize("name", ["int8", "int8_channel", "ecsq"])
 @PROPS
 @given(data=st.data())
 def test_int8_error_is_at_most_half_a_step(name, data):
@@ -168,6 +168,34 @@ def test_int8_stores_absmax_over_qmax_plus_half_scales():
     np.testing.assert_allclose(tok["scale"], np.abs(x).max(axis=2, keepdims=True) / 127.5, rtol=1e-6)
     np.testing.assert_allclose(chan["scale"], np.abs(x).max(axis=1, keepdims=True) / 127.5, rtol=1e-6)
     assert tok["values"].dtype == np.int8 and tok["values"].min() >= -128
+
+
+def test_ecsq_step_follows_the_token_rms_and_never_clips():
+    rng = np.random.default_rng(6)
+    magnitude = np.float32([1e-3, 1.0, 1e3, 7.0])[:, None, None]  # fidelity must not depend on it
+    x = (rng.standard_normal((4, 8, 384)) * magnitude).astype(np.float32)
+    parts = get_codec("ecsq").encode(x)
+    absmax = np.abs(x).max(axis=2, keepdims=True).astype(np.float64)
+    rms = np.sqrt((x.astype(np.float64) ** 2).mean(axis=2, keepdims=True))
+    levels = np.floor(absmax / (0.4 * rms))
+    assert parts["scale"].dtype == np.float32 and parts["scale"].shape == (4, 8, 1)
+    np.testing.assert_allclose(parts["scale"], absmax / (levels + 0.5), rtol=1e-7)
+    assert (parts["scale"] >= absmax / (levels + 0.5)).all()
+    y = get_codec("ecsq").decode(parts)
+    for i in range(4):
+        rel = float(((y[i] - x[i]) ** 2).sum() / (x[i] ** 2).sum())
+        assert 0.8 * 0.4**2 / 12 < rel < 1.2 * 0.4**2 / 12, (i, rel)
+
+
+def test_ecsq_level_count_edge_cases():
+    x = np.zeros((1, 3, 4096), np.float32)
+    x[0, 1, 5] = -3.0  # a lone spike: absmax / (0.4 rms) = sqrt(4096) / 0.4 = 160 -> capped at 127
+    x[0, 2, :384] = 1.0  # flat: absmax / (0.4 rms) = sqrt(4096 / 384) / 0.4 = 8.2 -> 8 levels
+    parts = get_codec("ecsq").encode(x)
+    np.testing.assert_array_equal(parts["scale"][0, :, 0], np.float32([0.0, 3.0 / 127.5, 1.0 / 8.5]))
+    assert (parts["values"][0, 0] == 0).all() and parts["values"][0, 1, 5] == -128
+    assert (parts["values"][0, 2, :384] == 8).all()  # 8.5 rounds half to even
+    np.testing.assert_allclose(get_codec("ecsq").decode(parts)[0, 1, 5], -128 * np.float32(3.0 / 127.5))
 
 
 def test_int4_nibble_order_sign_extension_and_rounded_up_scale():

@@ -1,0 +1,251 @@
+"""Extraction throughput: the whole per-shard pipeline against the bare teacher forward.
+
+Both sides use the same loaded teachers in one process, on the same machine, in one run:
+
+- pipeline: ``ShardExtractor.process`` over every packed shard (read the tar shard, decode and
+  preprocess in ``decode_threads`` threads a few batches ahead, teachers, quantise, compress,
+  write whole zarr shards, commit), exactly what a Ray actor runs, minus Ray.
+- bare: ``Teacher.encode`` of every teacher on the same images, already decoded, preprocessed
+  and stacked into batches in memory (the forward the pipeline wraps, cls attention included).
+
+Passes alternate A B B A ... (``--reps`` of each), so slow drift of a shared machine hits both
+sides alike; the ratio is taken per rep and its median reported. Stage times are the worker's own
+``stage_seconds``; ``read + other`` is the pass's wall time minus the stages the main thread
+times (shard read, batch stacking, cls copies). ``decode_preprocess`` is thread time spent in the
+background, overlapped with the teachers, so it is not part of the wall-time sum. ``CPU s/img``
+is this process's CPU time per image (all threads): what the pipeline adds on top of the forward.
+
+Teachers are random-weight (seeded) but real architectures at CPU-realistic sizes: a CLIP
+ViT-S/14-sized ``CLIPVisionModel`` and a timm ConvNeXt (``convnext_tiny`` by default), built,
+saved and loaded through ``build_teacher`` like any checkpoint. Random weights cost the same
+FLOPs as trained ones; only the int8 codec's output statistics differ, which do not change the
+work done.
+
+Run: ``.venv/bin/python bench/bench_extraction.py [--images 64] [--reps 3] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench.photo_pack import pack_photos  # noqa: E402
+from cache import CacheWriter  # noqa: E402
+from cache.preprocess import preprocess_image  # noqa: E402
+from pipeline.extract import _manifest  # noqa: E402
+from pipeline.extract_config import ExtractConfig  # noqa: E402
+from pipeline.extract_worker import ShardExtractor  # noqa: E402
+from pipeline.teachers import TeacherSpec  # noqa: E402
+
+MAIN_THREAD_STAGES = ("wait_for_decode", "quantise", "write")
+
+
+def make_teachers(out_dir: str, args) -> tuple[TeacherSpec, ...]:
+    """Save a CLIP ViT (HF) and a timm ConvNeXt with seeded random weights; return their specs."""
+    import movekd_compat  # noqa: F401
+    import timm
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    h = args.clip_hidden
+    cfg = CLIPVisionConfig(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=args.clip_layers,
+                           num_attention_heads=h // 64, image_size=args.clip_res, patch_size=14)
+    clip_dir = os.path.join(out_dir, "clip")
+    CLIPVisionModel(cfg).eval().save_pretrained(clip_dir)
+    convnext = timm.create_model(args.convnext_arch, pretrained=False).eval()
+    conv_path = os.path.join(out_dir, "convnext.safetensors")
+    save_file({k: v.contiguous() for k, v in convnext.state_dict().items()}, conv_path)
+    return (TeacherSpec(name="clip", family="clip", source=clip_dir),
+            TeacherSpec(name="convnext", family="convnext", source=conv_path, arch=args.convnext_arch,
+                        resolution=args.convnext_res))
+
+
+def gflops_per_image(teacher) -> float:
+    """Forward FLOPs of one image through ``Teacher.encode`` (torch's FLOP counter), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    r = teacher.preprocess_spec.resolution
+    with FlopCounterMode(display=False) as counter:
+        teacher.encode(torch.zeros(1, 3, r, r))
+    return counter.get_total_flops() / 1e9
+
+
+def preprocessed_batches(worker: ShardExtractor, packed, batch: int) -> list[dict[int, np.ndarray]]:
+    """Every image of the pack decoded and preprocessed per distinct spec, stacked in batches."""
+    import io
+
+    members = [m for s in range(packed.num_shards) for m in packed.iter_shard(s)]
+    out = []
+    for i in range(0, len(members), batch):
+        arrays = {sid: [] for sid in worker.pre_specs.values()}
+        for _, data, _ in members[i:i + batch]:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                for spec, sid in worker.pre_specs.items():
+                    arrays[sid].append(preprocess_image(img, spec))
+        out.append({sid: np.stack(a) for sid, a in arrays.items()})
+    return out
+
+
+def bare_pass(worker: ShardExtractor, batches) -> dict:
+    times = {name: 0.0 for name in worker.teachers}
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for pixels in batches:
+        for name, teacher in worker.teachers.items():
+            x = torch.from_numpy(pixels[worker.pre_specs[teacher.preprocess_spec]])
+            t = time.perf_counter()
+            teacher.encode(x)
+            times[name] += time.perf_counter() - t
+    return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - cpu0, "teachers": times}
+
+
+def pipeline_pass(worker: ShardExtractor, packed, mdict: dict) -> dict:
+    stages: dict[str, float] = {}
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for shard in range(packed.num_shards):
+        summary = worker.process(shard, mdict)
+        if summary["failed"]:
+            raise RuntimeError(f"shard {shard}: images failed: {summary['failed']}")
+        for k, v in summary["stage_seconds"].items():
+            stages[k] = stages.get(k, 0.0) + v
+    wall = time.perf_counter() - t0
+    timed = sum(v for k, v in stages.items() if k in MAIN_THREAD_STAGES or k.startswith("teacher/"))
+    stages["read + other"] = wall - timed
+    return {"wall": wall, "cpu": time.process_time() - cpu0, "stages": stages}
+
+
+def run(args, work: str) -> dict:
+    torch.set_num_threads(args.torch_threads)
+    packed, _ = pack_photos(os.path.join(work, "data"), args.images, args.image_size, args.shard_size)
+    specs = make_teachers(os.path.join(work, "teachers"), args)
+    cfg = ExtractConfig(packed=packed.root, out=os.path.join(work, "cache"), teachers=specs, codec=args.codec,
+                        batch_size=args.batch_size, device="cpu", decode_threads=args.decode_threads,
+                        prefetch_batches=args.prefetch_batches, progress=False)
+    worker = ShardExtractor(cfg, torch_threads=args.torch_threads)
+    manifest = _manifest(cfg, packed, worker.describe())
+    CacheWriter.create(cfg.out, manifest)
+    mdict = manifest.to_dict()
+    batches = preprocessed_batches(worker, packed, args.batch_size)
+    info = {name: {"gflops": gflops_per_image(t), "grid": t.grid, "channels": t.channels,
+                   "resolution": t.preprocess_spec.resolution,
+                   "params_m": sum(p.numel() for p in t.model.parameters()) / 1e6}
+            for name, t in worker.teachers.items()}
+    worker.process(packed.num_shards, mdict)  # warm-up: the no-image row runs every stage once
+    bare_pass(worker, batches[:1])
+    reps, load = [], [os.getloadavg()[0]]
+    for r in range(args.reps):
+        order = ("pipeline", "bare") if r % 2 == 0 else ("bare", "pipeline")
+        rep = {}
+        for side in order:
+            rep[side] = pipeline_pass(worker, packed, mdict) if side == "pipeline" else bare_pass(worker, batches)
+        reps.append(rep)
+        load.append(os.getloadavg()[0])
+        print(f"rep {r}: pipeline {rep['pipeline']['wall']:.1f}s, bare {rep['bare']['wall']:.1f}s", file=sys.stderr)
+    return {"images": args.images, "teachers": info, "reps": reps, "loadavg_1min": load, "args": vars(args)}
+
+
+# -- tables ------------------------------------------------------------------------------------
+def med(values) -> float:
+    return statistics.median(list(values))
+
+
+def setup_table(res: dict) -> str:
+    lines = ["| teacher | architecture | input px | tokens x channels | params (M) | GFLOP/img |",
+             "|---|---|---:|---|---:|---:|"]
+    a = res["args"]
+    arch = {"clip": f"CLIPVisionModel hidden {a['clip_hidden']}, {a['clip_layers']} layers, patch 14",
+            "convnext": f"timm {a['convnext_arch']}, stage-4 output"}
+    for name, t in res["teachers"].items():
+        g = t["grid"]
+        lines.append(f"| {name} | {arch[name]} | {t['resolution']} | {g[0]}x{g[1]}={g[0] * g[1]} x {t['channels']} "
+                     f"| {t['params_m']:.1f} | {t['gflops']:.2f} |")
+    return "\n".join(lines)
+
+
+def rep_table(res: dict) -> str:
+    n = res["images"]
+    lines = ["| rep | order | pipeline img/s | bare forward img/s | pipeline / bare | pipeline CPU s/img | bare CPU s/img |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    ratios = []
+    for i, rep in enumerate(res["reps"]):
+        p, b = rep["pipeline"], rep["bare"]
+        ratios.append(b["wall"] / p["wall"])
+        order = " then ".join(rep)
+        lines.append(f"| {i} | {order} | {n / p['wall']:.2f} | {n / b['wall']:.2f} | {ratios[-1]:.3f} "
+                     f"| {p['cpu'] / n:.3f} | {b['cpu'] / n:.3f} |")
+    lines.append(f"| median | | {med(n / r['pipeline']['wall'] for r in res['reps']):.2f} "
+                 f"| {med(n / r['bare']['wall'] for r in res['reps']):.2f} | **{med(ratios):.3f}** "
+                 f"| {med(r['pipeline']['cpu'] / n for r in res['reps']):.3f} "
+                 f"| {med(r['bare']['cpu'] / n for r in res['reps']):.3f} |")
+    return "\n".join(lines)
+
+
+def stage_table(res: dict) -> str:
+    """Median over reps of each stage, in ms per image, with its share of the pipeline's wall time."""
+    n, reps = res["images"], res["reps"]
+    wall = med(r["pipeline"]["wall"] for r in reps)
+    names = ["read + other", "wait_for_decode"] + [f"teacher/{t}" for t in res["teachers"]] + ["quantise", "write"]
+    lines = ["| stage | pipeline ms/img | share of pipeline wall | bare forward ms/img |", "|---|---:|---:|---:|"]
+    for name in names:
+        v = med(r["pipeline"]["stages"].get(name, 0.0) for r in reps)
+        bare = ""
+        if name.startswith("teacher/"):
+            bare = f"{1e3 * med(r['bare']['teachers'][name[8:]] for r in reps) / n:.1f}"
+        lines.append(f"| {name} | {1e3 * v / n:.1f} | {100 * v / wall:.1f}% | {bare} |")
+    lines.append(f"| **wall** | **{1e3 * wall / n:.1f}** | 100% | "
+                 f"**{1e3 * med(r['bare']['wall'] for r in reps) / n:.1f}** |")
+    dp = med(r["pipeline"]["stages"].get("decode_preprocess", 0.0) for r in reps)
+    lines.append(f"| decode_preprocess (background threads, overlapped) | {1e3 * dp / n:.1f} | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=64, help="images in the pack (default 64)")
+    p.add_argument("--shard-size", type=int, default=64,
+                   help="images per packed/cache shard (default 64: one shard; production packs use 1000)")
+    p.add_argument("--image-size", type=int, default=512, help="side of the JPEGs in px (default 512)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--decode-threads", type=int, default=2)
+    p.add_argument("--prefetch-batches", type=int, default=2)
+    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--clip-hidden", type=int, default=384, help="CLIP width (heads = width / 64); default 384")
+    p.add_argument("--clip-layers", type=int, default=12)
+    p.add_argument("--clip-res", type=int, default=224, help="CLIP input px (patch 14); default 224 -> 16x16")
+    p.add_argument("--convnext-arch", default="convnext_tiny", help="timm ConvNeXt architecture")
+    p.add_argument("--convnext-res", type=int, default=256, help="ConvNeXt input px (default 256 -> 8x8)")
+    p.add_argument("--reps", type=int, default=3, help="passes of each side, alternating (default 3)")
+    p.add_argument("--workdir", help="keep the pack, teachers and cache here (default: a temp dir)")
+    p.add_argument("--json", help="also write the raw measurements to this file")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
+        res = run(args, args.workdir or tmp)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=list))
+    a = res["args"]
+    print(f"{res['images']} images ({a['image_size']} px JPEG), batch {a['batch_size']}, torch threads "
+          f"{a['torch_threads']}, decode threads {a['decode_threads']}, codec {a['codec']}, "
+          f"{os.cpu_count()} CPUs; 1-min load average during the run: "
+          f"{', '.join(f'{x:.1f}' for x in res['loadavg_1min'])}\n")
+    print("### Teachers\n\n" + setup_table(res) + "\n")
+    print("### Pipeline vs bare forward (ABBA order)\n\n" + rep_table(res) + "\n")
+    print("### Where the pipeline's time goes (median over reps)\n\n" + stage_table(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Training data path throughput at the real MoVE-KD v1.0 shapes, against what a training step eats.
+
+Loading side: ``DistillDataset`` + ``DataLoader(batch_size=B, collate_fn=collate_distill)`` with
+0, 1 and 2 worker processes, reading a cache with the v1.0 teachers at their real shapes (clip
+576 x 1024 with [CLS] state and attention row, eva 4096 x 1024, convnext 1024 x 3072; int8,
+synthetic values, see ``bench/loading_data.py``), real photo JPEGs from a ``movekd pack``
+directory (decoded and preprocessed to the student's 336 px) and stage-1 captions tokenised with
+the tiny byte-level BPE tokenizer (the Vicuna tokenizer is not available offline). One sample
+delivers ~31.7 MB of float32 targets. Per setting: ``epoch`` = all samples incl. worker start;
+``steady`` = samples after the first max(1, workers) batches over the time since they arrived.
+``cache MB/s`` counts the bytes stored on disk (zstd-compressed int8 + scales) the reads pull;
+the cache was just written, so they come from the page cache, not the disk.
+
+Consuming side: one optimizer step of the ``train_tiny`` preset (tiny MoLE CLIP 56 px, 2-layer
+Llama; ``jobs.train.build_training``) on a cache of the ``tiny`` extraction preset's teachers,
+timed on batches loaded beforehand (compute only: forward, backward, clip, AdamW), plus the
+trainer's own logged ``images_per_s`` (which also includes its in-loop loading and checkpoints).
+
+Two cache readers: ``library`` is ``FeatureCache.read_rows`` as shipped (zarr orthogonal selection
+with an integer row array), ``slices`` a candidate replacement defined here (one basic slice per run
+of consecutive rows), swapped in for the whole process and its forked workers. The library reader
+is 20-100x slower per row at these chunk sizes (zarr-python issue #3829), so it gets one short pass
+(``--library-samples``) per worker count. With ``slices``, worker counts are measured interleaved
+(rotating order) ``--reps`` times; medians are reported.
+
+Run: ``.venv/bin/python bench/bench_loading.py [--images 128] [--batch-size 16] [--reps 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.loading_data import build_tiny_training, stored_bytes, write_v1_cache  # noqa: E402
+from bench.photo_pack import pack_photos  # noqa: E402
+from student.data import collate_distill  # noqa: E402
+
+STUDENT_PX = 336
+
+
+def v1_dataset(cache_dir: str, packed, data_json: str, tokenizer):
+    from cache import NULL_KEY, PreprocessSpec, open_cache
+    from jobs.image_source import PackedImageSource, records_from_packed
+    from student.data import DistillDataset
+
+    cache = open_cache(cache_dir)
+    ds = DistillDataset(records_from_packed(packed.root, data_json), PackedImageSource(packed.root), cache,
+                        tokenizer, preprocess=PreprocessSpec(resolution=STUDENT_PX), template="plain")
+    rows = len(cache) + (NULL_KEY not in cache)
+    return ds, stored_bytes(cache.location.zarr_path) / rows
+
+
+def read_rows_by_runs(self, path: str, rows):
+    """Candidate ``FeatureCache.read_rows``: one basic slice per run of consecutive sorted rows.
+    zarr 3.1's integer-array (orthogonal) selection on a sharded array routes each chunk through
+    its coordinate indexer (zarr-python issue #3829); a slice reads the same chunk 20-100x faster."""
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.int64)
+    arr = self._arrays()[path]
+    if rows.size == 0:
+        return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    runs = np.split(uniq, np.flatnonzero(np.diff(uniq) != 1) + 1)
+    parts = [arr[int(r[0]):int(r[-1]) + 1] for r in runs]
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts))[inverse]
+
+
+READERS = {"library": None, "slices": read_rows_by_runs}
+
+
+@contextlib.contextmanager
+def use_reader(name: str):
+    """Swap ``FeatureCache.read_rows`` for the named variant (forked DataLoader workers inherit it)."""
+    from cache.reader import FeatureCache
+
+    original = FeatureCache.read_rows
+    if READERS[name] is not None:
+        FeatureCache.read_rows = READERS[name]
+    try:
+        yield
+    finally:
+        FeatureCache.read_rows = original
+
+
+def time_loader(ds, collate, batch: int, workers: int, seed: int, samples: int) -> dict:
+    """One pass of ``samples`` random samples through a DataLoader; per-batch arrival times."""
+    gen = torch.Generator().manual_seed(seed)
+    sampler = torch.utils.data.RandomSampler(ds, num_samples=min(samples, len(ds)), generator=gen)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, collate_fn=collate,
+                                         num_workers=workers)
+    t0, arrivals, sizes = time.perf_counter(), [], []
+    for b in loader:
+        arrivals.append(time.perf_counter() - t0)
+        sizes.append(len(b["keys"]))
+    skip = min(max(1, workers), len(arrivals) - 1)
+    steady = sum(sizes[skip:]) / (arrivals[-1] - arrivals[skip - 1]) if skip else None
+    return {"epoch_sps": sum(sizes) / arrivals[-1], "steady_sps": steady, "first_batch_s": arrivals[0]}
+
+
+def component_costs(ds, collate, batch: int, batches: int) -> dict[str, float]:
+    """Seconds per sample of each part of ``read_batch`` + collate, in this process."""
+    from cache import get_codec
+    from cache.layout import CLS_ATTN, CLS_STATE, TEACHERS
+    from cache.preprocess import preprocess_image
+    from student.conversation import tokenize_conversation
+
+    cache, m = ds.cache, ds.cache.manifest
+    t = dict.fromkeys(["cache: zarr read + zstd", "cache: dequantise to float32", "image read + decode",
+                       f"preprocess {STUDENT_PX} px", "tokenise", "read_batch", "collate"], 0.0)
+    n = 0
+    for i in range(batches):
+        idx = list(range(i * batch, min((i + 1) * batch, len(ds))))
+        recs = [ds.record(j) for j in idx]
+        rows = [cache.row(r.image_key) for r in recs]
+        s = time.perf_counter()
+        raw = {name: {c.name: cache.read_rows(f"{TEACHERS}/{name}/{c.name}", rows)
+                      for c in get_codec(m.teacher(name).codec).components(m.teacher(name).tokens, m.teacher(name).channels)}
+               for name in ds.teachers}
+        cache.read_rows(CLS_STATE, rows), cache.read_rows(CLS_ATTN, rows)
+        s2 = time.perf_counter()
+        for name, parts in raw.items():
+            get_codec(m.teacher(name).codec).decode(parts)
+        t["cache: zarr read + zstd"] += s2 - s
+        t["cache: dequantise to float32"] += time.perf_counter() - s2
+        for r in recs:
+            s = time.perf_counter()
+            img = ds.image_loader(r.image_key)
+            s2 = time.perf_counter()
+            preprocess_image(img, ds.preprocess)
+            s3 = time.perf_counter()
+            tokenize_conversation(r.conversations, ds.tokenizer, ds.template, has_image=True,
+                                  max_length=ds.max_length, num_image_tokens=ds.num_image_tokens)
+            t["image read + decode"] += s2 - s
+            t[f"preprocess {STUDENT_PX} px"] += s3 - s2
+            t["tokenise"] += time.perf_counter() - s3
+        s = time.perf_counter()
+        samples = ds.read_batch(idx)
+        s2 = time.perf_counter()
+        collate(samples)
+        t["read_batch"] += s2 - s
+        t["collate"] += time.perf_counter() - s2
+        n += len(idx)
+    return {k: v / n for k, v in t.items()}
+
+
+def consumption(trainer, cfg, steps: int) -> dict:
+    """Seconds per optimizer step of the tiny config: compute only, and as the trainer logs it."""
+    from student.train_loop import accumulate_window, optimizer_step
+
+    trainer.train(stop_after=steps)
+    with open(trainer.log_path) as f:
+        logged = [json.loads(line)["images_per_s"] for line in f][1:]  # step 1 pays warm-up
+    loader = torch.utils.data.DataLoader(trainer.dataset, batch_size=cfg.batch_size, collate_fn=trainer.collate_fn,
+                                         shuffle=True, generator=torch.Generator().manual_seed(0))
+    batches = [b for _, b in zip(range(steps + 2), loader)]
+    trainer.model.train()
+    times = []
+    for b in batches:
+        s = time.perf_counter()
+        accumulate_window(trainer.module, iter([b]), 1, torch.device("cpu"), False, trainer.image_tokens)
+        optimizer_step(trainer.optimizer, trainer.scheduler, trainer.params, cfg.max_grad_norm)
+        times.append(time.perf_counter() - s)
+    step = statistics.median(times[2:])
+    return {"batch": cfg.batch_size, "step_s": step, "sps": cfg.batch_size / step,
+            "logged_sps": statistics.median(logged) if logged else None, "steps": steps}
+
+
+def run(args, work: str) -> dict:
+    torch.set_num_threads(args.torch_threads)
+    t = time.perf_counter()
+    packed, data_json = pack_photos(os.path.join(work, "data"), args.images, args.image_size, args.shard_size)
+    write_v1_cache(os.path.join(work, "v1-cache"), packed)
+    print(f"pack + v1 cache written in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    cfg, trainer, tokenizer = build_tiny_training(work, packed, data_json)
+    ds, row_bytes = v1_dataset(os.path.join(work, "v1-cache"), packed, data_json, tokenizer)
+    collate = functools.partial(collate_distill, pad_token_id=tokenizer.pad_token_id)
+    consume = consumption(trainer, cfg, args.train_steps)
+    costs, loader = {}, {}
+    for reader in args.readers:
+        full = reader != "library"
+        samples, reps = (args.images, args.reps) if full else (args.library_samples, 1)
+        runs: dict[str, list[dict]] = {str(w): [] for w in args.workers}
+        with use_reader(reader):
+            costs[reader] = component_costs(ds, collate, args.batch_size, args.component_batches if full else 1)
+            for r in range(reps):
+                order = args.workers[r % len(args.workers):] + args.workers[:r % len(args.workers)]
+                for w in order:
+                    runs[str(w)].append(time_loader(ds, collate, args.batch_size, w, seed=r, samples=samples))
+                    print(f"{reader} rep {r} workers {w}: {runs[str(w)][-1]['epoch_sps']:.1f} samples/s",
+                          file=sys.stderr)
+        loader[reader] = {"samples": samples, "runs": runs}
+    float_bytes = sum(4 * t.tokens * t.channels for t in ds.cache.manifest.teachers) + 4 * (1024 + 576)
+    return {"args": vars(args), "samples": len(ds), "row_bytes": row_bytes, "float_bytes": float_bytes,
+            "costs": costs, "consume": consume, "loader": loader, "loadavg_1min": os.getloadavg()[0]}
+
+
+# -- tables ------------------------------------------------------------------------------------
+def med(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def loader_table(res: dict) -> str:
+    c, mb = res["consume"]["sps"], 1e6
+    lines = ["| cache reader | workers | samples x passes | epoch samples/s | steady samples/s "
+             "| cache MB/s read (stored) | float32 MB/s delivered | vs tiny step's consumption | target >= 5x |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for reader, info in res["loader"].items():
+        for w, reps in info["runs"].items():
+            epoch, steady = med(r["epoch_sps"] for r in reps), med(r["steady_sps"] for r in reps)
+            rate = steady if steady is not None and reader != "library" else epoch
+            x = rate / c
+            lines.append(f"| {reader} | {w} | {info['samples']} x {len(reps)} | {epoch:.1f} "
+                         f"| {'' if steady is None or reader == 'library' else f'{steady:.1f}'} "
+                         f"| {rate * res['row_bytes'] / mb:.0f} | {rate * res['float_bytes'] / mb:.0f} "
+                         f"| {x:.3f}x | {'met' if x >= 5 else f'missed ({x / 5:.1%} of it)'} |")
+    return "\n".join(lines)
+
+
+def cost_table(res: dict) -> str:
+    readers = list(res["costs"])
+    lines = ["| part (0 workers, one process) | " + " | ".join(f"{r} reader ms/sample" for r in readers) + " |",
+             "|---|" + "---:|" * len(readers)]
+    for k in res["costs"][readers[0]]:
+        lines.append(f"| {k} | " + " | ".join(f"{1e3 * res['costs'][r][k]:.1f}" for r in readers) + " |")
+    totals = [res["costs"][r]["read_batch"] + res["costs"][r]["collate"] for r in readers]
+    lines.append("| **read_batch + collate** | " + " | ".join(f"**{1e3 * t:.1f}**" for t in totals) + " |")
+    return "\n".join(lines)
+
+
+def consume_table(res: dict) -> str:
+    c = res["consume"]
+    logged = f"{c['logged_sps']:.1f}" if c["logged_sps"] else "n/a"
+    return ("| config | batch | step ms (compute only) | samples/s consumed | trainer-logged images_per_s |\n"
+            "|---|---:|---:|---:|---:|\n"
+            f"| train_tiny | {c['batch']} | {1e3 * c['step_s']:.1f} | {c['sps']:.1f} | {logged} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=128, help="photos in the pack (default 128)")
+    p.add_argument("--image-size", type=int, default=512, help="side of the JPEGs in px (default 512)")
+    p.add_argument("--shard-size", type=int, default=64, help="images per packed/cache shard (default 64)")
+    p.add_argument("--batch-size", type=int, default=16, help="loader batch (default 16, v1.0's per-GPU batch)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
+    p.add_argument("--reps", type=int, default=3, help="passes per worker count with the slices reader")
+    p.add_argument("--readers", nargs="+", default=["library", "slices"], choices=sorted(READERS),
+                   help="cache read_rows variants: library (zarr orthogonal selection, as shipped) and slices "
+                        "(candidate fix); default both")
+    p.add_argument("--library-samples", type=int, default=32,
+                   help="samples per pass with the library reader (one pass each; it is slow); default 32")
+    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--train-steps", type=int, default=12, help="timed steps of the tiny config (default 12)")
+    p.add_argument("--component-batches", type=int, default=2, help="batches for the per-part breakdown")
+    p.add_argument("--workdir", help="keep pack and caches here (default: a temp dir)")
+    p.add_argument("--json", help="also write the raw measurements to this file")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-loading-") as tmp:
+        res = run(args, args.workdir or tmp)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    a = res["args"]
+    print(f"{res['samples']} samples ({a['image_size']} px JPEG -> {STUDENT_PX} px), batch {a['batch_size']}, "
+          f"torch threads {a['torch_threads']}, {os.cpu_count()} CPUs, 1-min load average at the end "
+          f"{res['loadavg_1min']:.1f}; per sample: {res['row_bytes'] / 1e6:.2f} MB stored, "
+          f"{res['float_bytes'] / 1e6:.1f} MB float32 targets\n")
+    print("### Consumption: one training step of train_tiny\n\n" + consume_table(res) + "\n")
+    print("### Loading at the v1.0 shapes (median over reps)\n\n" + loader_table(res) + "\n")
+    print("### Where one sample's loading time goes\n\n" + cost_table(res))
+
+
+if __name__ == "__main__":
+    main()
