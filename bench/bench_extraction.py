@@ -8,10 +8,14 @@ Both sides use the same loaded teachers in one process, on the same machine, in 
 - bare: ``Teacher.encode`` of every teacher on the same images, already decoded, preprocessed
   and stacked into batches in memory (the forward the pipeline wraps, cls attention included).
 
-Passes alternate A B B A ... (``--reps`` of each), so slow drift of a shared machine hits both
-sides alike; the ratio is taken per rep and its median reported. Stage times are the worker's own
-``stage_seconds``; ``read + other`` is the pass's wall time minus the stages the main thread
-times (shard read, batch stacking, cls copies). ``decode_preprocess`` is thread time spent in the
+The machine is shared and its load changes within tens of seconds, so the two sides are paired
+finely: for every shard, one pipeline run of the shard and one bare run of the same images, back
+to back, the order alternating pair by pair; the ratio is taken per pair and the median of all
+pairs reported (``--reps`` passes over all shards). A pipeline run pays, once per shard, the
+first batch's decode before any teacher can start (the prefetch restarts per shard): 1 batch in
+``shard_size / batch_size`` here, 1 in 125 with the production 1000-image shards; it shows up as
+``wait_for_decode``. Stage times are the worker's own ``stage_seconds``; ``read + other`` is the
+run's wall time minus the stages the main thread times (tar shard read, batch stacking, cls copies). ``decode_preprocess`` is thread time spent in the
 background, overlapped with the teachers, so it is not part of the wall-time sum. ``CPU s/img``
 is this process's CPU time per image (all threads): what the pipeline adds on top of the forward.
 
@@ -21,7 +25,7 @@ saved and loaded through ``build_teacher`` like any checkpoint. Random weights c
 FLOPs as trained ones; only the int8 codec's output statistics differ, which do not change the
 work done.
 
-Run: ``.venv/bin/python bench/bench_extraction.py [--images 64] [--reps 3] [--json out.json]``.
+Run: ``.venv/bin/python bench/bench_extraction.py [--images 64] [--reps 2] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -84,11 +88,11 @@ def gflops_per_image(teacher) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def preprocessed_batches(worker: ShardExtractor, packed, batch: int) -> list[dict[int, np.ndarray]]:
-    """Every image of the pack decoded and preprocessed per distinct spec, stacked in batches."""
+def preprocessed_batches(worker: ShardExtractor, packed, shard: int, batch: int) -> list[dict[int, np.ndarray]]:
+    """The images of ``shard`` decoded and preprocessed per distinct spec, stacked in batches."""
     import io
 
-    members = [m for s in range(packed.num_shards) for m in packed.iter_shard(s)]
+    members = list(packed.iter_shard(shard))
     out = []
     for i in range(0, len(members), batch):
         arrays = {sid: [] for sid in worker.pre_specs.values()}
@@ -101,7 +105,8 @@ def preprocessed_batches(worker: ShardExtractor, packed, batch: int) -> list[dic
     return out
 
 
-def bare_pass(worker: ShardExtractor, batches) -> dict:
+def bare_side(worker: ShardExtractor, batches) -> dict:
+    """``Teacher.encode`` of every teacher over in-memory batches."""
     times = {name: 0.0 for name in worker.teachers}
     cpu0, t0 = time.process_time(), time.perf_counter()
     for pixels in batches:
@@ -113,23 +118,20 @@ def bare_pass(worker: ShardExtractor, batches) -> dict:
     return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - cpu0, "teachers": times}
 
 
-def pipeline_pass(worker: ShardExtractor, packed, mdict: dict) -> dict:
-    stages: dict[str, float] = {}
+def pipeline_side(worker: ShardExtractor, shard: int, mdict: dict) -> dict:
+    """``ShardExtractor.process`` of one shard, with its stage times."""
     cpu0, t0 = time.process_time(), time.perf_counter()
-    for shard in range(packed.num_shards):
-        summary = worker.process(shard, mdict)
-        if summary["failed"]:
-            raise RuntimeError(f"shard {shard}: images failed: {summary['failed']}")
-        for k, v in summary["stage_seconds"].items():
-            stages[k] = stages.get(k, 0.0) + v
+    summary = worker.process(shard, mdict)
     wall = time.perf_counter() - t0
+    if summary["failed"]:
+        raise RuntimeError(f"shard {shard}: images failed: {summary['failed']}")
+    stages = dict(summary["stage_seconds"])
     timed = sum(v for k, v in stages.items() if k in MAIN_THREAD_STAGES or k.startswith("teacher/"))
     stages["read + other"] = wall - timed
     return {"wall": wall, "cpu": time.process_time() - cpu0, "stages": stages}
 
 
-def run(args, work: str) -> dict:
-    torch.set_num_threads(args.torch_threads)
+def build(args, work: str):
     packed, _ = pack_photos(os.path.join(work, "data"), args.images, args.image_size, args.shard_size)
     specs = make_teachers(os.path.join(work, "teachers"), args)
     cfg = ExtractConfig(packed=packed.root, out=os.path.join(work, "cache"), teachers=specs, codec=args.codec,
@@ -138,24 +140,32 @@ def run(args, work: str) -> dict:
     worker = ShardExtractor(cfg, torch_threads=args.torch_threads)
     manifest = _manifest(cfg, packed, worker.describe())
     CacheWriter.create(cfg.out, manifest)
-    mdict = manifest.to_dict()
-    batches = preprocessed_batches(worker, packed, args.batch_size)
+    return packed, worker, manifest.to_dict()
+
+
+def run(args, work: str) -> dict:
+    """Pairs (pipeline, bare) on the same shard, back to back, order alternating pair by pair."""
+    torch.set_num_threads(args.torch_threads)
+    packed, worker, mdict = build(args, work)
+    batches = {s: preprocessed_batches(worker, packed, s, args.batch_size) for s in range(packed.num_shards)}
     info = {name: {"gflops": gflops_per_image(t), "grid": t.grid, "channels": t.channels,
                    "resolution": t.preprocess_spec.resolution,
                    "params_m": sum(p.numel() for p in t.model.parameters()) / 1e6}
             for name, t in worker.teachers.items()}
     worker.process(packed.num_shards, mdict)  # warm-up: the no-image row runs every stage once
-    bare_pass(worker, batches[:1])
-    reps, load = [], [os.getloadavg()[0]]
+    bare_side(worker, batches[0][:1])
+    pairs, load = [], [os.getloadavg()[0]]
     for r in range(args.reps):
-        order = ("pipeline", "bare") if r % 2 == 0 else ("bare", "pipeline")
-        rep = {}
-        for side in order:
-            rep[side] = pipeline_pass(worker, packed, mdict) if side == "pipeline" else bare_pass(worker, batches)
-        reps.append(rep)
+        for shard in range(packed.num_shards):
+            first = "pipeline" if len(pairs) % 2 == 0 else "bare"
+            pair = {"shard": shard, "images": len(packed.keys_in_shard(shard)), "first": first}
+            for side in (first, "bare" if first == "pipeline" else "pipeline"):
+                pair[side] = pipeline_side(worker, shard, mdict) if side == "pipeline" else bare_side(worker, batches[shard])
+            pairs.append(pair)
+            print(f"pass {r} shard {shard}: pipeline {pair['pipeline']['wall']:.1f}s, "
+                  f"bare {pair['bare']['wall']:.1f}s", file=sys.stderr)
         load.append(os.getloadavg()[0])
-        print(f"rep {r}: pipeline {rep['pipeline']['wall']:.1f}s, bare {rep['bare']['wall']:.1f}s", file=sys.stderr)
-    return {"images": args.images, "teachers": info, "reps": reps, "loadavg_1min": load, "args": vars(args)}
+    return {"teachers": info, "pairs": pairs, "loadavg_1min": load, "args": vars(args)}
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -176,48 +186,50 @@ def setup_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def rep_table(res: dict) -> str:
-    n = res["images"]
-    lines = ["| rep | order | pipeline img/s | bare forward img/s | pipeline / bare | pipeline CPU s/img | bare CPU s/img |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    ratios = []
-    for i, rep in enumerate(res["reps"]):
-        p, b = rep["pipeline"], rep["bare"]
-        ratios.append(b["wall"] / p["wall"])
-        order = " then ".join(rep)
-        lines.append(f"| {i} | {order} | {n / p['wall']:.2f} | {n / b['wall']:.2f} | {ratios[-1]:.3f} "
-                     f"| {p['cpu'] / n:.3f} | {b['cpu'] / n:.3f} |")
-    lines.append(f"| median | | {med(n / r['pipeline']['wall'] for r in res['reps']):.2f} "
-                 f"| {med(n / r['bare']['wall'] for r in res['reps']):.2f} | **{med(ratios):.3f}** "
-                 f"| {med(r['pipeline']['cpu'] / n for r in res['reps']):.3f} "
-                 f"| {med(r['bare']['cpu'] / n for r in res['reps']):.3f} |")
-    return "\n".join(lines)
+def ratio_table(res: dict) -> str:
+    """Per-pair ratios (median, quartiles, range) and the totals over all pairs."""
+    pairs = res["pairs"]
+    ratios = sorted(p["bare"]["wall"] / p["pipeline"]["wall"] for p in pairs)
+    cpu = sorted(p["bare"]["cpu"] / p["pipeline"]["cpu"] for p in pairs)
+    n = sum(p["images"] for p in pairs)
+    tot = {side: sum(p[side]["wall"] for p in pairs) for side in ("pipeline", "bare")}
+    cpu_tot = {side: sum(p[side]["cpu"] for p in pairs) for side in ("pipeline", "bare")}
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return ("| measure | pipeline | bare forward | pipeline / bare |\n|---|---:|---:|---:|\n"
+            f"| img/s, pair median ({len(pairs)} pairs) | {med(p['images'] / p['pipeline']['wall'] for p in pairs):.2f} "
+            f"| {med(p['images'] / p['bare']['wall'] for p in pairs):.2f} | **{med(ratios):.3f}** "
+            f"(quartiles {q[0]:.3f}-{q[2]:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}) |\n"
+            f"| img/s, all pairs pooled ({n} images each side) | {n / tot['pipeline']:.2f} | {n / tot['bare']:.2f} "
+            f"| {tot['bare'] / tot['pipeline']:.3f} |\n"
+            f"| process CPU s/img (all threads), pooled | {cpu_tot['pipeline'] / n:.3f} | {cpu_tot['bare'] / n:.3f} "
+            f"| {cpu_tot['bare'] / cpu_tot['pipeline']:.3f} (pair median {med(cpu):.3f}) |")
 
 
 def stage_table(res: dict) -> str:
-    """Median over reps of each stage, in ms per image, with its share of the pipeline's wall time."""
-    n, reps = res["images"], res["reps"]
-    wall = med(r["pipeline"]["wall"] for r in reps)
+    """Each stage pooled over all pairs, in ms per image, with its share of the pipeline's wall time."""
+    pairs = res["pairs"]
+    n = sum(p["images"] for p in pairs)
+    wall = sum(p["pipeline"]["wall"] for p in pairs)
     names = ["read + other", "wait_for_decode"] + [f"teacher/{t}" for t in res["teachers"]] + ["quantise", "write"]
     lines = ["| stage | pipeline ms/img | share of pipeline wall | bare forward ms/img |", "|---|---:|---:|---:|"]
     for name in names:
-        v = med(r["pipeline"]["stages"].get(name, 0.0) for r in reps)
+        v = sum(p["pipeline"]["stages"].get(name, 0.0) for p in pairs)
         bare = ""
         if name.startswith("teacher/"):
-            bare = f"{1e3 * med(r['bare']['teachers'][name[8:]] for r in reps) / n:.1f}"
+            bare = f"{1e3 * sum(p['bare']['teachers'][name[8:]] for p in pairs) / n:.1f}"
         lines.append(f"| {name} | {1e3 * v / n:.1f} | {100 * v / wall:.1f}% | {bare} |")
-    lines.append(f"| **wall** | **{1e3 * wall / n:.1f}** | 100% | "
-                 f"**{1e3 * med(r['bare']['wall'] for r in reps) / n:.1f}** |")
-    dp = med(r["pipeline"]["stages"].get("decode_preprocess", 0.0) for r in reps)
-    lines.append(f"| decode_preprocess (background threads, overlapped) | {1e3 * dp / n:.1f} | | |")
+    bare_wall = sum(p["bare"]["wall"] for p in pairs)
+    lines.append(f"| **wall** | **{1e3 * wall / n:.1f}** | 100% | **{1e3 * bare_wall / n:.1f}** |")
+    dp = sum(p["pipeline"]["stages"].get("decode_preprocess", 0.0) for p in pairs)
+    lines.append(f"| decode_preprocess (thread time in the background, overlapped) | {1e3 * dp / n:.1f} | | |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=64, help="images in the pack (default 64)")
-    p.add_argument("--shard-size", type=int, default=64,
-                   help="images per packed/cache shard (default 64: one shard; production packs use 1000)")
+    p.add_argument("--shard-size", type=int, default=16,
+                   help="images per packed/cache shard = per pair (default 16; production packs use 1000)")
     p.add_argument("--image-size", type=int, default=512, help="side of the JPEGs in px (default 512)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--decode-threads", type=int, default=2)
@@ -228,8 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clip-layers", type=int, default=12)
     p.add_argument("--clip-res", type=int, default=224, help="CLIP input px (patch 14); default 224 -> 16x16")
     p.add_argument("--convnext-arch", default="convnext_tiny", help="timm ConvNeXt architecture")
-    p.add_argument("--convnext-res", type=int, default=256, help="ConvNeXt input px (default 256 -> 8x8)")
-    p.add_argument("--reps", type=int, default=3, help="passes of each side, alternating (default 3)")
+    p.add_argument("--convnext-res", type=int, default=320, help="ConvNeXt input px (default 320 -> 10x10)")
+    p.add_argument("--reps", type=int, default=2, help="passes over all shards (default 2)")
     p.add_argument("--workdir", help="keep the pack, teachers and cache here (default: a temp dir)")
     p.add_argument("--json", help="also write the raw measurements to this file")
     args = p.parse_args(argv)
@@ -238,13 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=list))
     a = res["args"]
-    print(f"{res['images']} images ({a['image_size']} px JPEG), batch {a['batch_size']}, torch threads "
+    print(f"{a['images']} images ({a['image_size']} px JPEG) in shards of {a['shard_size']}, batch {a['batch_size']}, torch threads "
           f"{a['torch_threads']}, decode threads {a['decode_threads']}, codec {a['codec']}, "
           f"{os.cpu_count()} CPUs; 1-min load average during the run: "
           f"{', '.join(f'{x:.1f}' for x in res['loadavg_1min'])}\n")
     print("### Teachers\n\n" + setup_table(res) + "\n")
-    print("### Pipeline vs bare forward (ABBA order)\n\n" + rep_table(res) + "\n")
-    print("### Where the pipeline's time goes (median over reps)\n\n" + stage_table(res))
+    print("### Pipeline vs bare forward (pairs on the same shard, back to back)\n\n" + ratio_table(res) + "\n")
+    print("### Where the pipeline's time goes (all pairs pooled)\n\n" + stage_table(res))
 
 
 if __name__ == "__main__":

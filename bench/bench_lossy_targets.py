@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, work: str) -> None:
             raise SystemExit(f"run {c} saw other batches than {ref}: the comparison would be meaningless")
     plot(runs, args.png)
     print(f"# Lossy targets: train_tiny from {', '.join(args.codecs)} caches\n")
-    print(f"- command: `.venv/bin/python bench/bench_lossy_targets.py {' '.join(sys.argv[1:])}`".rstrip())
+    print(f"- command: `{' '.join(['.venv/bin/python bench/bench_lossy_targets.py', *sys.argv[1:]])}`")
     print(f"- machine: {machine()}; torch threads {args.threads}; date {date.today()}")
     print(f"- {len(runs[ref])} steps x batch 4 over {args.images} photo crops; identical batch order "
           f"in every run (checked: {len(batches[ref])} batches); wall time {time.perf_counter() - t0:.0f} s")

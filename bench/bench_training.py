@@ -12,11 +12,19 @@ under gradient checkpointing, input-gradient backward through the frozen LLM) = 
 stage 2 (weight gradients too) = ~34 TFLOP: teachers add +28 to +37 %.
 
 Decisions:
-- Each measurement is a fresh child process (``--child``), so peak memory is per mode: peak RSS
-  (``getrusage`` ru_maxrss) minus the RSS after every module either mode needs is imported, before
-  ``build_training``. Modes alternate (cached, online, online, cached, ...) over ``--rounds`` rounds;
-  step times are the trainer's own logged ``step_time_s`` (data loading, target reading or teacher
-  forward, forward/backward, optimizer), the first ``--warmup`` steps of a run dropped.
+- Time, paired: one child process per round builds both trainers (``build_training(cfg, Dist(),
+  online)``, same seed: same weights, same batches) and alternates single steps, cached then
+  online then online then cached..., so both modes see the same machine load (the 2 cores are
+  shared and their speed drifts by 2x within minutes). A step is what ``Trainer`` runs per
+  optimizer step (``student.train_loop``: next batch = load + cache read or teacher forward +
+  collate, ``accumulate_window`` forward/backward, ``optimizer_step``), timed end to end; the
+  first ``--warmup`` steps per mode are dropped. Ratios are of medians; per-round ratios show
+  the spread.
+- Memory, separate: a fresh child process per mode runs ``Trainer.train`` for ``--mem-steps``
+  steps; peak RSS (``VmHWM`` from /proc/self/status, reset to the current RSS once every module
+  either mode needs is imported, read when the final checkpoint save starts) minus the RSS at that
+  reset, i.e. the peak growth over ``build_training`` and the training steps. Modes alternate
+  over ``--mem-rounds``; their logged ``step_time_s`` is reported too, as a second estimate.
 - Both modes collate in the training process (``num_workers=0``; online mode requires it), so the
   cached step includes reading and dequantising the targets: the cached side is not flattered by
   overlap with loader workers. The online reference mode still reads (and then replaces) the
@@ -25,7 +33,8 @@ Decisions:
   measurement steady. The teachers run in the training process, on the same thread, as online
   MoVE-KD runs them on the training GPU.
 
-Run: ``.venv/bin/python bench/bench_training.py [--rounds 3] [--steps 8] [--warmup 2] [--codec int8]``.
+Run: ``.venv/bin/python bench/bench_training.py [--rounds 2] [--steps 12] [--warmup 2] [--mem-rounds 3]
+[--codec int8]``.
 """
 
 from __future__ import annotations
@@ -54,22 +63,24 @@ MODES = ("cached", "online")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3, help="rounds of (cached, online) runs, order alternating (default 3)")
-    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run (default 8)")
-    p.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of every run (default 2)")
+    p.add_argument("--rounds", type=int, default=2, help="paired timing processes (default 2)")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per mode per round (default 12)")
+    p.add_argument("--warmup", type=int, default=2, help="steps per mode dropped at the start (default 2)")
+    p.add_argument("--mem-rounds", type=int, default=3, help="memory processes per mode, alternating (default 3)")
+    p.add_argument("--mem-steps", type=int, default=4, help="training steps of a memory process (default 4)")
     p.add_argument("--batch", type=int, default=4, help="per-device batch (default 4, the train_tiny preset's)")
     p.add_argument("--codec", default="int8", help="cache codec (default int8, the v1.0 presets')")
-    p.add_argument("--threads", type=int, default=1, help="torch threads in each run (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in each process (default 1)")
     p.add_argument("--workdir", help="keep models/data/cache here (default: a temporary directory)")
-    p.add_argument("--child", choices=MODES + ("flops",), help=argparse.SUPPRESS)
-    p.add_argument("--tag", default="", help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=MODES + ("paired",), help=argparse.SUPPRESS)
+    p.add_argument("--tag", default="0", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 # -- the work directory ----------------------------------------------------------------------------
 def prepare(work: str, args: argparse.Namespace) -> dict:
     """Scaled student and teachers, packed photos, the cache and the online extraction config."""
-    images = args.batch * (args.warmup + args.steps)  # one epoch covers a run: no loader restart
+    images = args.batch * (args.warmup + max(args.steps, args.mem_steps))  # one epoch: no loader restart
     student = setup.scaled_student(os.path.join(work, "student"))
     teachers = setup.scaled_teachers(os.path.join(work, "teachers"))
     packed, data_json = setup.photo_pack(os.path.join(work, f"data-{images}"), images)
@@ -80,16 +91,16 @@ def prepare(work: str, args: argparse.Namespace) -> dict:
 
 
 def spawn(work: str, args: argparse.Namespace, mode: str, tag: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--tag", tag, "--workdir", work,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-           "--codec", args.codec, "--threads", str(args.threads)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--tag", tag, "--workdir", work]
+    for flag in ("steps", "warmup", "mem_steps", "batch", "codec", "threads"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# -- one measurement (child process) ---------------------------------------------------------------
+# -- child processes --------------------------------------------------------------------------------
 def preload() -> None:
     """Import what either mode needs, so module memory is not counted in one mode's delta."""
     import movekd_compat  # noqa: F401
@@ -103,16 +114,17 @@ def preload() -> None:
     import student.trainer  # noqa: F401
 
 
-def build(work: str, args: argparse.Namespace, mode: str, out: str):
+def build(args: argparse.Namespace, mode: str, max_steps: int):
     from jobs.train import Dist, build_training
 
-    p = prepare(work, args)
+    p = prepare(args.workdir, args)
+    out = os.path.join(args.workdir, "runs", f"{args.child}-{mode}-{args.tag}")
     shutil.rmtree(out, ignore_errors=True)
     cfg = setup.scaled_train_config(
         p["student"], cache=p["cache"], image_root=p["packed"], data_json=p["data_json"], output_dir=out,
-        batch_size=args.batch, num_workers=0, max_steps=args.warmup + args.steps, save_every=10**6,
-        plot=False, progress_bar=False)
-    trainer, _ = build_training(cfg, Dist(), p["online"] if mode != "cached" else None)
+        batch_size=args.batch, num_workers=0, max_steps=max_steps, save_every=10**6, plot=False,
+        progress_bar=False)
+    trainer, _ = build_training(cfg, Dist(), p["online"] if mode == "online" else None)
     return trainer
 
 
@@ -130,40 +142,49 @@ def timed(obj, name: str, calls: dict, key: str) -> None:
     setattr(obj, name, wrapper)
 
 
-def child_run(args: argparse.Namespace) -> dict:
-    from student.logging_utils import read_jsonl
-
-    preload()
-    base = setup.rss_now_mb()
-    trainer = build(args.workdir, args, args.child, os.path.join(args.workdir, "runs", f"{args.child}-{args.tag}"))
-    built = setup.rss_now_mb()
-    calls: dict[str, list[float]] = {}  # one cache read and one forward per teacher per step (batch reads)
+def instrument(trainer) -> dict[str, list[float]]:
+    """Per-call times of the cache read, each teacher's forward and the collate (one each per step)."""
+    calls: dict[str, list[float]] = {}
     timed(trainer.dataset.cache, "read", calls, "cache_read")
-    teachers = getattr(trainer.collate_fn, "teachers", {})
-    for name, teacher in teachers.items():
+    for name, teacher in getattr(trainer.collate_fn, "teachers", {}).items():
         timed(teacher, "encode", calls, f"teacher/{name}")
     timed(trainer, "collate_fn", calls, "collate")
-    peak: list[float] = []
-    save = trainer.save
-
-    def save_after_peak():  # the final checkpoint's serialisation is no training step: peak before it
-        peak.append(setup.rss_peak_mb())
-        return save()
-
-    trainer.save = save_after_peak
-    trainer.train()
-    records = read_jsonl(trainer.log_path)
-    return {"mode": args.child, "tag": args.tag, "step_s": [r["step_time_s"] for r in records[args.warmup:]],
-            "tokens": statistics.mean(r["tokens"] for r in records) / args.batch,
-            "per_step": {k: statistics.median(v[args.warmup:]) for k, v in calls.items()},
-            "rss_base_mb": base, "rss_built_mb": built, "rss_peak_mb": peak[0],
-            "teacher_weights_mb": sum(p.numel() * p.element_size() for t in teachers.values()
-                                      for p in t.model.parameters()) / 2**20}
+    return calls
 
 
-def child_flops(args: argparse.Namespace) -> dict:
-    """FLOPs of one training step (per sample) and of each teacher's forward (per image)."""
+def child_paired(args: argparse.Namespace) -> dict:
+    """Both trainers in one process, single steps alternating; then the FLOP counts."""
     preload()
+    import torch
+
+    from student.train_loop import accumulate_window, make_loader, optimizer_step
+
+    n = args.warmup + args.steps
+    trainers = {m: build(args, m, n) for m in MODES}
+    online = trainers["online"].collate_fn
+    calls = {m: instrument(t) for m, t in trainers.items()}
+    batches = {}
+    for m, t in trainers.items():
+        t.model.train()
+        batches[m] = iter(make_loader(t.dataset, t.position.epoch_sampler(0, 0), t.collate_fn, args.batch, 0,
+                                      num_workers=0, seed=t.cfg.seed, pin_memory=False))
+    times, first = {m: [] for m in MODES}, {}
+    for i in range(n):
+        for m in (MODES if i % 2 == 0 else MODES[::-1]):
+            t = trainers[m]
+            torch.manual_seed(t.cfg.seed + i)  # same RNG stream for both modes
+            start = time.perf_counter()
+            parts, _ = accumulate_window(t.module, batches[m], 1, torch.device("cpu"), False, t.image_tokens)
+            optimizer_step(t.optimizer, t.scheduler, t.params, t.cfg.max_grad_norm)
+            times[m].append(time.perf_counter() - start)
+            first.setdefault(m, {k: float(parts[k]) for k in ("loss/kd", "loss/text")})
+    per_step = {m: {k: statistics.median(v[args.warmup:]) for k, v in calls[m].items()} for m in MODES}
+    return {"tag": args.tag, "step_s": {m: times[m][args.warmup:] for m in MODES}, "per_step": per_step,
+            "first_losses": first, "flops": count_flops(trainers["cached"], online, args.batch)}
+
+
+def count_flops(trainer, online, batch_size: int) -> dict:
+    """FLOPs of one training step (per sample) and of each teacher's forward (per image)."""
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -171,9 +192,7 @@ def child_flops(args: argparse.Namespace) -> dict:
     from cache.preprocess import preprocess_image
     from student.train_loop import accumulate_window
 
-    trainer = build(args.workdir, args, "online", os.path.join(args.workdir, "runs", "flops"))
-    online = trainer.collate_fn
-    batch = online(trainer.dataset.read_batch(list(range(args.batch))))
+    batch = online(trainer.dataset.read_batch(list(range(batch_size))))
     pictures = [online.images(k) for k in batch["keys"]]
     out = {"teachers": {}, "params": {}}
     for name, teacher in online.teachers.items():
@@ -184,12 +203,38 @@ def child_flops(args: argparse.Namespace) -> dict:
         out["params"][name] = sum(p.numel() for p in teacher.model.parameters())
     with FlopCounterMode(display=False) as counter:
         accumulate_window(trainer.module, iter([batch]), 1, torch.device("cpu"), False, trainer.image_tokens)
-    out["step_per_sample"] = counter.get_total_flops() / args.batch
-    llava = trainer.model.llava
-    out["params"]["llm"] = sum(p.numel() for p in llava.llm.parameters())
+    out["step_per_sample"] = counter.get_total_flops() / batch_size
+    out["tokens_per_sample"] = float(batch["attention_mask"].sum()) / batch_size + trainer.image_tokens - 1
+    out["params"]["llm"] = sum(p.numel() for p in trainer.model.llava.llm.parameters())
     out["params"]["student"] = sum(p.numel() for p in trainer.model.parameters())
     out["params"]["trainable"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return out
+
+
+def child_memory(args: argparse.Namespace) -> dict:
+    """One mode in a fresh process through ``Trainer.train``: peak RSS over build + training."""
+    from student.logging_utils import read_jsonl
+
+    preload()
+    setup.reset_rss_peak()
+    base = setup.rss_now_mb()
+    trainer = build(args, args.child, args.mem_steps)
+    built = setup.rss_now_mb()
+    teachers = getattr(trainer.collate_fn, "teachers", {})
+    peak: list[float] = []
+    save = trainer.save
+
+    def save_after_peak():  # the final checkpoint's serialisation is no training step: peak before it
+        peak.append(setup.rss_peak_mb())
+        return save()
+
+    trainer.save = save_after_peak
+    trainer.train()
+    logged = [r["step_time_s"] for r in read_jsonl(trainer.log_path)]
+    steps = logged[1:] or logged  # the first step pays for loader start-up
+    return {"mode": args.child, "tag": args.tag, "step_s": steps, "rss_base_mb": base, "rss_built_mb": built,
+            "rss_peak_mb": peak[0], "teacher_weights_mb": sum(
+                p.numel() * p.element_size() for t in teachers.values() for p in t.model.parameters()) / 2**20}
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -214,77 +259,87 @@ def flops_table(f: dict) -> str:
     return "\n".join(lines)
 
 
-def summarize(runs: list[dict]) -> dict:
+def timing_table(paired: list[dict], batch: int) -> tuple[str, dict]:
+    lines = ["| mode | median step (s) | min - max (s) | steps | images/s | collate (s/step) | of which teacher "
+             "forward (s/step) | cache read (s/step) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    med = {}
+    for m in MODES:
+        steps = [x for r in paired for x in r["step_s"][m]]
+        per = {k: statistics.median(r["per_step"][m].get(k, 0.0) for r in paired)
+               for k in sorted({k for r in paired for k in r["per_step"][m]})}
+        med[m] = {"step": statistics.median(steps), "read": per.get("cache_read", 0.0)}
+        teach = {k.split("/")[1]: v for k, v in per.items() if k.startswith("teacher/")}
+        parts = f"{sum(teach.values()):.3f} ({', '.join(f'{k} {v:.3f}' for k, v in teach.items())})" if teach else "-"
+        lines.append(f"| {m} | {med[m]['step']:.3f} | {min(steps):.3f} - {max(steps):.3f} | {len(steps)} | "
+                     f"{batch / med[m]['step']:.1f} | {per.get('collate', 0):.3f} | {parts} | {med[m]['read']:.3f} |")
+    return "\n".join(lines), med
+
+
+def memory_table(mem: list[dict]) -> tuple[str, dict]:
+    lines = ["| mode | peak RSS delta (MB), median | per run | RSS after build delta (MB) | "
+             "median step, separate processes (s) |", "|---|---:|---:|---:|---:|"]
     out = {}
-    for mode in MODES:
-        rs = [r for r in runs if r["mode"] == mode]
-        steps = [s for r in rs for s in r["step_s"]]
-        per = {k: statistics.median(r["per_step"].get(k, 0.0) for r in rs)
-               for k in sorted({k for r in rs for k in r["per_step"]})}
-        out[mode] = {"median": statistics.median(steps), "min": min(steps), "max": max(steps), "n": len(steps),
-                     "per_step": per, "tokens": rs[0]["tokens"],
-                     "peak": statistics.median(r["rss_peak_mb"] - r["rss_base_mb"] for r in rs),
-                     "built": statistics.median(r["rss_built_mb"] - r["rss_base_mb"] for r in rs),
-                     "teacher_weights_mb": rs[0]["teacher_weights_mb"],
-                     "round_medians": {r["tag"]: statistics.median(r["step_s"]) for r in rs}}
-    return out
+    for m in MODES:
+        rs = [r for r in mem if r["mode"] == m]
+        peaks = [r["rss_peak_mb"] - r["rss_base_mb"] for r in rs]
+        out[m] = statistics.median(peaks)
+        built = statistics.median(r["rss_built_mb"] - r["rss_base_mb"] for r in rs)
+        steps = statistics.median(x for r in rs for x in r["step_s"])
+        lines.append(f"| {m} | {out[m]:.0f} | {', '.join(f'{x:.0f}' for x in peaks)} | {built:.0f} | {steps:.3f} |")
+    out["teacher_weights_mb"] = max(r["teacher_weights_mb"] for r in mem)
+    return "\n".join(lines), out
 
 
-def timing_table(s: dict, batch: int) -> str:
-    lines = ["| mode | median step (s) | min - max (s) | steps | images/s | teacher forward (s/step, median) | "
-             "cache read (s/step, median) | peak RSS delta (MB) | RSS after build delta (MB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for mode in MODES:
-        m = s[mode]
-        teach = sum(v for k, v in m["per_step"].items() if k.startswith("teacher/"))
-        parts = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in m["per_step"].items() if k.startswith("teacher/"))
-        lines.append(f"| {mode} | {m['median']:.3f} | {m['min']:.3f} - {m['max']:.3f} | {m['n']} | "
-                     f"{batch / m['median']:.1f} | {teach:.3f}{f' ({parts})' if parts else ''} | "
-                     f"{m['per_step'].get('cache_read', 0):.4f} | {m['peak']:.0f} | {m['built']:.0f} |")
-    return "\n".join(lines)
-
-
-def ratio_table(s: dict) -> str:
-    c, o = s["cached"], s["online"]
-    tags = sorted(c["round_medians"], key=int)
-    per_round = [c["round_medians"][t] / o["round_medians"][t] for t in tags]
-    read_c, read_o = c["per_step"].get("cache_read", 0.0), o["per_step"].get("cache_read", 0.0)
-    adjusted = c["median"] / (o["median"] - read_o)
-    hidden = (c["median"] - read_c) / (o["median"] - read_o)
+def ratio_table(paired: list[dict], med: dict, mem: dict) -> str:
+    c, o = med["cached"], med["online"]
+    per_round = [statistics.median(r["step_s"]["cached"]) / statistics.median(r["step_s"]["online"]) for r in paired]
     lines = ["| measure | value |", "|---|---:|",
-             f"| cached / online step time (medians over all timed steps) | **{c['median'] / o['median']:.2f}** |",
-             f"| per round (cached / online, run medians) | {', '.join(f'{x:.2f}' for x in per_round)} |",
-             f"| cached / online, online without its (discarded) cache read | {adjusted:.2f} |",
-             f"| same, cache read hidden (as loader workers would on spare cores) | {hidden:.2f} |",
+             f"| cached / online step time (medians, paired steps) | **{c['step'] / o['step']:.2f}** |",
+             f"| per round (paired process) | {', '.join(f'{x:.2f}' for x in per_round)} |",
+             f"| cached / online, online without its (discarded) cache read | {c['step'] / (o['step'] - o['read']):.2f} |",
+             f"| same, cache read hidden (as loader workers would on spare cores) | "
+             f"{(c['step'] - c['read']) / (o['step'] - o['read']):.2f} |",
              f"| teachers' memory that disappears (peak RSS delta, online - cached) | "
-             f"{o['peak'] - c['peak']:.0f} MB |",
-             f"| of which teacher weights (fp32 parameters) | {o['teacher_weights_mb']:.1f} MB |"]
+             f"{mem['online'] - mem['cached']:.0f} MB |",
+             f"| of which teacher weights (fp32 parameters) | {mem['teacher_weights_mb']:.1f} MB |"]
     return "\n".join(lines)
 
 
-def report(args, prep: dict, flops: dict, runs: list[dict], wall: float) -> None:
-    s = summarize(runs)
+def report(args, prep: dict, paired: list[dict], mem: list[dict], wall: float) -> None:
+    flops = paired[0]["flops"]
+    first = paired[0]["first_losses"]
+    timing, med = timing_table(paired, args.batch)
+    memory, peaks = memory_table(mem)
     print("# Training: cached targets vs online teachers (scaled-down v1.0 shapes, CPU)\n")
-    print(f"- command: `.venv/bin/python bench/bench_training.py {' '.join(sys.argv[1:])}`".rstrip())
+    print(f"- command: `{' '.join(['.venv/bin/python bench/bench_training.py', *sys.argv[1:]])}`")
     print(f"- machine: {setup.machine()}; torch threads {args.threads}; no GPU; date {date.today()}")
-    print(f"- stage 1 (train_tiny recipe), batch {args.batch}, {args.codec} cache of {prep['images']} real "
-          f"photos (512 px JPEG); ~{s['cached']['tokens']:.0f} LLM tokens per sample; {args.rounds} rounds x "
-          f"{args.steps} timed steps per mode (+{args.warmup} warm-up each); wall time {wall:.0f} s\n")
+    print(f"- stage 1 (train_tiny recipe), batch {args.batch}, {args.codec} cache of {prep['images']} real photos "
+          f"(512 px JPEG), ~{flops['tokens_per_sample']:.0f} LLM tokens per sample; {args.rounds} paired rounds x "
+          f"{args.steps} steps per mode (+{args.warmup} warm-up), {args.mem_rounds} memory runs per mode; "
+          f"wall time {wall:.0f} s")
+    print(f"- sanity, first step (same batch, same weights): KD loss cached {first['cached']['loss/kd']:.5f} vs "
+          f"online {first['online']['loss/kd']:.5f}; text loss {first['cached']['loss/text']:.5f} vs "
+          f"{first['online']['loss/text']:.5f}\n")
     print(flops_table(flops) + "\n")
-    print(timing_table(s, args.batch) + "\n")
-    print(ratio_table(s))
+    print(timing + "\n")
+    print(memory + "\n")
+    print(ratio_table(paired, med, peaks))
 
 
 def run(args: argparse.Namespace, work: str) -> None:
     t0 = time.perf_counter()
     prep = prepare(work, args)
-    flops = spawn(work, args, "flops", "0")
-    runs = []
-    for r in range(args.rounds):
-        for mode in (MODES if r % 2 == 0 else MODES[::-1]):
-            runs.append(spawn(work, args, mode, str(r)))
-            print(f"round {r} {mode}: median step {statistics.median(runs[-1]['step_s']):.3f} s", file=sys.stderr)
-    report(args, prep, flops, runs, time.perf_counter() - t0)
+    paired, mem = [], []
+    for r in range(max(args.rounds, args.mem_rounds)):
+        if r < args.rounds:
+            paired.append(spawn(work, args, "paired", str(r)))
+            print(f"round {r}: paired medians " + ", ".join(
+                f"{m} {statistics.median(paired[-1]['step_s'][m]):.3f} s" for m in MODES), file=sys.stderr)
+        for m in (MODES if r % 2 == 0 else MODES[::-1])[: 2 if r < args.mem_rounds else 0]:
+            mem.append(spawn(work, args, m, str(r)))
+            print(f"round {r}: {m} peak RSS delta {mem[-1]['rss_peak_mb'] - mem[-1]['rss_base_mb']:.0f} MB "
+                  f"(base {mem[-1]['rss_base_mb']:.0f} MB)", file=sys.stderr)
+    report(args, prep, paired, mem, time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        result = child_flops(args) if args.child == "flops" else child_run(args)
+        result = child_paired(args) if args.child == "paired" else child_memory(args)
         print(json.dumps(result))
         return 0
     if args.workdir:

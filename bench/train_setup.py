@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,22 @@ CONVNEXT_RESOLUTION = 384
 
 
 def rss_peak_mb() -> float:
-    """This process's peak resident set size so far (``getrusage``; kB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size (``VmHWM`` of /proc/self/status; Linux). Not
+    ``getrusage``'s ru_maxrss: on Linux that survives fork + exec, so a child would report its
+    parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (peak RSS needs Linux)")
+
+
+def reset_rss_peak() -> bool:
+    """Reset the peak RSS to the current RSS (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def rss_now_mb() -> float:
