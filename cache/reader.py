@@ -3,8 +3,8 @@
 Decisions:
 - Only committed shards are visible: the key index is built from commit markers, so rows of a
   shard that is still being written (or died mid-write) cannot be read, and asking for them says so.
-- Reads go through zarr's orthogonal selection on sorted rows (one ranged read per image chunk,
-  issued concurrently by zarr), then are put back in the caller's order.
+- Reads take one slice per run of consecutive sorted rows (zarr's integer-array selection is far
+  slower on sharded arrays), then are put back in the caller's order.
 - Safe in DataLoader workers: zarr handles are opened lazily per process (a fork or pickle makes
   the next read reopen them), so each worker has its own handle.
 """
@@ -171,14 +171,19 @@ class FeatureCache:
         return CacheBatch(keys, rows, feats, cls_state, cls_attn, valid)
 
     def read_rows(self, path: str, rows: np.ndarray) -> np.ndarray:
-        """Raw stored values of array ``path`` at ``rows`` (any order, duplicates allowed)."""
+        """Raw stored values of array ``path`` at ``rows`` (any order, duplicates allowed).
+
+        One basic slice per run of consecutive sorted rows: zarr 3.1's integer-array (orthogonal)
+        selection on sharded arrays is 20-100x slower per chunk (zarr-python #3829; measured by
+        bench/bench_loading.py)."""
         rows = np.asarray(rows, dtype=np.int64)
+        arr = self._arrays()[path]
         if rows.size == 0:
-            arr = self._arrays()[path]
             return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
         uniq, inverse = np.unique(rows, return_inverse=True)
-        data = self._arrays()[path].get_orthogonal_selection((uniq,))
-        return data[inverse]
+        runs = np.split(uniq, np.flatnonzero(np.diff(uniq) != 1) + 1)
+        parts = [arr[int(r[0]):int(r[-1]) + 1] for r in runs]
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts))[inverse]
 
     def read_shard_raw(self, path: str, shard: int) -> np.ndarray:
         """The stored values of ``path`` for the committed rows of ``shard``."""
