@@ -29,6 +29,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _worker_range_start(taken: set[int], span: int = 200) -> int:
+    """A worker port range that holds none of the other components' ports (Ray refuses overlaps)."""
+    while True:
+        start = free_port()
+        if start + span < 65535 and not any(start <= p <= start + span for p in taken):
+            return start
+
+
 def loopback_env(**extra: str) -> dict[str, str]:
     """Environment for Ray processes that keeps every address on 127.0.0.1."""
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
@@ -40,14 +48,15 @@ def loopback_env(**extra: str) -> dict[str, str]:
 @contextlib.contextmanager
 def ray_cluster(num_cpus: int = 2):
     """Yield ``(dashboard_url, env)`` of a running head node; tear it down afterwards."""
-    gcs, dash, client = free_port(), free_port(), free_port()
-    workers = free_port()
+    gcs, dash, client, agent = free_port(), free_port(), free_port(), free_port()
+    workers = _worker_range_start({gcs, dash, client, agent})
     env = loopback_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     # Ray's AF_UNIX socket paths must stay under 107 bytes: pytest's tmp paths are too long.
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
            "--include-dashboard", "true", "--ray-client-server-port", str(client),
+           "--dashboard-agent-listen-port", str(agent),
            "--min-worker-port", str(workers), "--max-worker-port", str(workers + 200),
            "--num-cpus", str(num_cpus), "--temp-dir", str(temp), "--disable-usage-stats"]
     log = open(temp / "start.log", "wb")
