@@ -1,7 +1,13 @@
 """Make ``import torchvision`` work when its compiled ops cannot load.
 
-Import this module before transformers or timm (``import movekd_compat  # noqa: F401``). It is a
-top-level module because both pipeline/ and student/ need it and may not import each other.
+``ensure_torchvision_importable()`` is called ONCE per process, at the entry points, before
+anything imports timm or a transformers vision model: the ``movekd`` CLI and ``python -m jobs.*``
+(``jobs.cli.prepare_process``), every Ray worker process (a ``worker_process_setup_hook`` set by
+the Ray extraction driver's ``init_ray``), the test suite and its child processes
+(``tests/__init__.py``) and each benchmark's ``__main__``. Library modules never call it and
+importing this module has no side effect, so nothing depends on import order. A script of your
+own that imports timm on such a machine calls it first.
+It is a top-level module because every package's entry points need it.
 
 Why this exists: on CPU-only machines we pin the CPU build of torch 2.13, but PyPI's x86_64
 torchvision 0.28 wheel is built against CUDA torch, so its ``_C`` extension fails to load. torchvision
@@ -11,6 +17,12 @@ processors) down with it. We only need torchvision's pure-Python parts (transfor
 FrozenBatchNorm2d), so when the ops are missing we define the two operator *schemas* (no kernels:
 calling them still fails loudly) before torchvision is imported. Where torchvision's ops load
 (every GPU install), this does nothing.
+
+Why it cannot go (checked 2026-12-01): PyPI has no CPU build of torchvision 0.28 (its only wheel
+is ``+cu130``; download.pytorch.org is not reachable from CI), 0.28 is the only release that
+pairs with torch 2.13, and timm imports torchvision at ``import timm`` (``FrozenBatchNorm2d``).
+transformers alone does not need torchvision, but once it is installed transformers imports it
+for every vision model and image processor.
 """
 
 from __future__ import annotations
@@ -52,5 +64,3 @@ def ensure_torchvision_importable() -> None:
 
 
 _LIBS: list = []
-
-ensure_torchvision_importable()

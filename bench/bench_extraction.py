@@ -59,7 +59,6 @@ MAIN_THREAD_STAGES = ("wait_for_decode", "quantise", "write")
 
 def make_teachers(out_dir: str, args) -> tuple[TeacherSpec, ...]:
     """Save a CLIP ViT (HF) and a timm ConvNeXt with seeded random weights; return their specs."""
-    import movekd_compat  # noqa: F401
     import timm
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -260,4 +259,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from movekd_compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # an entry point: before anything imports timm/transformers
     main()

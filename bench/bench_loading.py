@@ -296,4 +296,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from movekd_compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # an entry point: before anything imports timm/transformers
     main()

@@ -103,7 +103,6 @@ def spawn(work: str, args: argparse.Namespace, mode: str, tag: str) -> dict:
 # -- child processes --------------------------------------------------------------------------------
 def preload() -> None:
     """Import what either mode needs, so module memory is not counted in one mode's delta."""
-    import movekd_compat  # noqa: F401
     import timm  # noqa: F401
     import transformers  # noqa: F401
 
@@ -364,4 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from movekd_compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # an entry point: before anything imports timm/transformers
     sys.exit(main())

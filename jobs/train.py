@@ -109,7 +109,6 @@ def init_distributed() -> Dist:
 
 def student_preprocess(cfg):
     """What the student's CLIP sees: LLaVA's CLIP processor at the tower's size and the stage's aspect."""
-    import movekd_compat  # noqa: F401
     from transformers import AutoConfig
 
     from cache.manifest import PreprocessSpec
@@ -122,7 +121,6 @@ def student_preprocess(cfg):
 
 def build_training(cfg, dist_info: Dist, online: str | None = None):
     """Everything the Trainer needs, built from the config (also used by tests and benchmarks)."""
-    import movekd_compat  # noqa: F401
     import torch
     from transformers import AutoTokenizer
 

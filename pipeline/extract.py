@@ -35,6 +35,10 @@ from pipeline.packed_dataset import PackedDataset
 
 log = logging.getLogger(__name__)
 
+# Every Ray worker process is an entry point: it makes torchvision importable (``movekd_compat``)
+# before any actor imports timm or transformers.
+WORKER_RUNTIME_ENV = {"worker_process_setup_hook": "movekd_compat.ensure_torchvision_importable"}
+
 
 @dataclass
 class ExtractReport:
@@ -93,10 +97,11 @@ def init_ray(cfg: ExtractConfig) -> None:
     if local:
         # An embedded single-node cluster, bound to loopback, gone when this process ends.
         ray.init(address="local", num_cpus=cfg.ray_num_cpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", configure_logging=False)
+                 _node_ip_address="127.0.0.1", configure_logging=False, runtime_env=WORKER_RUNTIME_ENV)
     else:
-        # "auto" (what `ray job submit` sets up) or "ray://host:port" / "host:port".
-        ray.init(address=cfg.ray_address, configure_logging=False)
+        # "auto" (what `ray job submit` sets up) or "ray://host:port" / "host:port"; merged with
+        # the job's own runtime_env.
+        ray.init(address=cfg.ray_address, configure_logging=False, runtime_env=WORKER_RUNTIME_ENV)
 
 
 def run_extraction(cfg: ExtractConfig) -> ExtractReport:

@@ -26,7 +26,6 @@ import importlib.util
 import re
 from collections.abc import Mapping, Sequence
 
-import movekd_compat  # noqa: F401  (before transformers)
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModel

@@ -10,7 +10,6 @@ import json
 import multiprocessing
 import pickle
 
-import movekd_compat  # noqa: F401
 import numpy as np
 import pytest
 from PIL import Image

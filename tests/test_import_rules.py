@@ -56,3 +56,47 @@ def test_cache_loads_without_torch_or_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# movekd_compat is process set-up: only entry points may call it (never at library import time).
+COMPAT_CALLERS = {"jobs/cli.py"}
+
+
+def test_only_entry_points_set_up_torchvision():
+    bad = []
+    for package in ("cache", "pipeline", "student", "jobs"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = str(path.relative_to(ROOT))
+            if rel in COMPAT_CALLERS:
+                continue
+            bad += [f"{rel}:{line}" for line, mod in imported_modules(path) if mod == "movekd_compat"]
+    assert not bad, "library modules must not import movekd_compat (call it at an entry point):\n" + "\n".join(bad)
+
+
+def _fresh(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def test_cli_entry_point_makes_timm_and_transformers_importable():
+    code = (
+        "import sys\n"
+        "from jobs.cli import prepare_process\n"
+        "assert 'movekd_compat' not in sys.modules  # importing the CLI does nothing by itself\n"
+        "prepare_process('extract')\n"
+        "import timm\n"
+        "from transformers import CLIPVisionModel, CLIPImageProcessor\n"
+        "print(timm.create_model('convnext_atto', pretrained=False).num_features)\n"
+    )
+    assert _fresh(code) == "320"
+
+
+def test_cache_verb_stays_free_of_torch():
+    code = (
+        "import sys\n"
+        "from jobs.cli import main\n"
+        "try:\n    main(['cache', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'movekd_compat'}))\n"
+    )
+    assert _fresh(code).splitlines()[-1] == "[]"

@@ -80,7 +80,6 @@ def _encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 @register_teacher("clip")
 def build_clip(spec: TeacherSpec, device: torch.device) -> Teacher:
-    import movekd_compat  # noqa: F401
     from transformers import CLIPVisionModel
 
     spec = with_source(spec, DEFAULT_SOURCE)

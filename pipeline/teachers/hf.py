@@ -125,7 +125,6 @@ class HFTeacher(Teacher):
 
 @register_teacher("dinov2")
 def build_dinov2(spec: TeacherSpec, device: torch.device) -> Teacher:
-    import movekd_compat  # noqa: F401
     from transformers import Dinov2Model
 
     spec = with_source(spec, DEFAULT_SOURCES["dinov2"])
@@ -136,7 +135,6 @@ def build_dinov2(spec: TeacherSpec, device: torch.device) -> Teacher:
 
 @register_teacher("siglip")
 def build_siglip(spec: TeacherSpec, device: torch.device) -> Teacher:
-    import movekd_compat  # noqa: F401
     from transformers import SiglipVisionModel
 
     spec = with_source(spec, DEFAULT_SOURCES["siglip"])
@@ -150,7 +148,6 @@ def build_siglip(spec: TeacherSpec, device: torch.device) -> Teacher:
 def build_hf_generic(spec: TeacherSpec, device: torch.device) -> Teacher:
     """``hf:<path-or-id>`` (or family ``hf`` with ``source``): any AutoModel vision backbone whose
     forward takes ``pixel_values`` and whose config has ``patch_size``."""
-    import movekd_compat  # noqa: F401
     from transformers import AutoModel
 
     spec = with_source(spec, split_family(spec.family)[1])
@@ -185,7 +182,6 @@ class SamTeacher(Teacher):
 
 @register_teacher("sam")
 def build_sam(spec: TeacherSpec, device: torch.device) -> Teacher:
-    import movekd_compat  # noqa: F401
     from transformers import SamVisionModel
 
     if spec.layer is not None:
@@ -242,7 +238,6 @@ def pix2struct_patches(pixels: torch.Tensor, patch: int) -> torch.Tensor:
 
 @register_teacher("pix2struct")
 def build_pix2struct(spec: TeacherSpec, device: torch.device) -> Teacher:
-    import movekd_compat  # noqa: F401
     from transformers import AutoConfig, Pix2StructForConditionalGeneration, Pix2StructVisionModel
 
     spec = with_source(spec, DEFAULT_SOURCES["pix2struct"])

@@ -57,7 +57,6 @@ class TimmTeacher(Teacher):
 
 def load_timm(arch: str | None, spec: TeacherSpec, kwargs: dict) -> torch.nn.Module:
     """Create a timm model with pretrained weights from ``spec.source`` (see module docstring)."""
-    import movekd_compat  # noqa: F401
     import timm
 
     source = spec.source
@@ -105,7 +104,6 @@ def build_convnext(spec: TeacherSpec, device: torch.device) -> Teacher:
 @register_teacher("timm:")
 def build_timm_generic(spec: TeacherSpec, device: torch.device) -> Teacher:
     """``timm:<model_name>``: ``source`` is a checkpoint file, a hub id, or empty (timm default)."""
-    import movekd_compat  # noqa: F401
     from timm.data import resolve_data_config
 
     arch = split_family(spec.family)[1] or spec.arch

@@ -68,7 +68,6 @@ def _save_timm(model, out_dir: str, name: str) -> str:
 
 
 def _clip(out_dir: str) -> TeacherSpec:
-    import movekd_compat  # noqa: F401
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     cfg = CLIPVisionConfig(**{**_TINY_VIT, "num_hidden_layers": 3}, image_size=56, patch_size=14)
@@ -76,7 +75,6 @@ def _clip(out_dir: str) -> TeacherSpec:
 
 
 def _sam(out_dir: str) -> TeacherSpec:
-    import movekd_compat  # noqa: F401
     from transformers import SamVisionConfig, SamVisionModel
 
     cfg = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8,
@@ -86,7 +84,6 @@ def _sam(out_dir: str) -> TeacherSpec:
 
 
 def _pix2struct(out_dir: str) -> TeacherSpec:
-    import movekd_compat  # noqa: F401
     from transformers import Pix2StructVisionConfig, Pix2StructVisionModel
 
     cfg = Pix2StructVisionConfig(hidden_size=32, patch_embed_hidden_size=8 * 8 * 3, d_ff=64, d_kv=16,
@@ -96,7 +93,6 @@ def _pix2struct(out_dir: str) -> TeacherSpec:
 
 
 def _dinov2(out_dir: str) -> TeacherSpec:
-    import movekd_compat  # noqa: F401
     from transformers import Dinov2Config, Dinov2Model
 
     cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
@@ -106,7 +102,6 @@ def _dinov2(out_dir: str) -> TeacherSpec:
 
 
 def _siglip(out_dir: str) -> TeacherSpec:
-    import movekd_compat  # noqa: F401
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     cfg = SiglipVisionConfig(**_TINY_VIT, image_size=32, patch_size=8)
@@ -114,7 +109,6 @@ def _siglip(out_dir: str) -> TeacherSpec:
 
 
 def _hf_generic(out_dir: str) -> TeacherSpec:
-    import movekd_compat  # noqa: F401
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     cfg = ViTConfig(**_TINY_VIT, image_size=32, patch_size=8)
@@ -124,7 +118,6 @@ def _hf_generic(out_dir: str) -> TeacherSpec:
 
 
 def _eva(out_dir: str) -> TeacherSpec:
-    import movekd_compat  # noqa: F401
     import timm
 
     kwargs = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
@@ -134,7 +127,6 @@ def _eva(out_dir: str) -> TeacherSpec:
 
 
 def _convnext(out_dir: str) -> TeacherSpec:
-    import movekd_compat  # noqa: F401
     import timm
 
     kwargs = dict(depths=[1, 1, 1, 1], dims=[16, 24, 32, 48])
@@ -144,7 +136,6 @@ def _convnext(out_dir: str) -> TeacherSpec:
 
 
 def _timm_generic(out_dir: str) -> TeacherSpec:
-    import movekd_compat  # noqa: F401
     import timm
 
     kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)

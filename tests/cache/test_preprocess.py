@@ -13,7 +13,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import movekd_compat  # noqa: F401
 import numpy as np
 import pytest
 from PIL import Image

@@ -7,7 +7,6 @@ Tolerance 1e-5 (abs and rel): both sides run the same fp32 kernels on CPU; only 
 
 from __future__ import annotations
 
-import movekd_compat  # noqa: F401
 import numpy as np
 import pytest
 import timm

@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import movekd_compat  # noqa: F401
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import Dataset

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import movekd_compat  # noqa: F401
 import pytest
 import torch
 from safetensors.torch import load_file

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import movekd_compat  # noqa: F401
 import pytest
 from transformers import AutoTokenizer
 

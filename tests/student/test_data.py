@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 
-import movekd_compat  # noqa: F401
 import numpy as np
 import pytest
 import torch

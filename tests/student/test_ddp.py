@@ -12,7 +12,6 @@ import json
 import socket
 from pathlib import Path
 
-import movekd_compat  # noqa: F401
 import pytest
 import torch
 import torch.multiprocessing as mp

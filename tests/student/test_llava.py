@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import movekd_compat  # noqa: F401
 import pytest
 import torch
 from transformers import AutoTokenizer, CLIPVisionModel

@@ -2,7 +2,6 @@
 
 import math
 
-import movekd_compat  # noqa: F401
 import numpy as np
 import pytest
 import torch

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import re
 
-import movekd_compat  # noqa: F401
 import pytest
 import torch
 
