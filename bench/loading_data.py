@@ -28,13 +28,30 @@ V1_TEACHERS = {  # name: (grid, channels, input px)
 
 def v1_manifest(packed, codec: str = "int8") -> CacheManifest:
     teachers = tuple(
-        TeacherEntry(name=name, family=name, source="synthetic N(0,1)", weights_fingerprint="bench:synthetic",
-                     layer="synthetic", tokens=grid[0] * grid[1], grid=grid, channels=channels,
-                     compute_dtype="bfloat16", preprocess=PreprocessSpec(resolution=px), codec=codec,
-                     has_cls=name == "clip")
-        for name, (grid, channels, px) in V1_TEACHERS.items())
-    return CacheManifest(teachers=teachers, num_shards=packed.num_shards, shard_size=packed.shard_size,
-                         dataset_fingerprint=packed.fingerprint, dataset_name="bench-photos", cls_teacher="clip")
+        TeacherEntry(
+            name=name,
+            family=name,
+            source="synthetic N(0,1)",
+            weights_fingerprint="bench:synthetic",
+            layer="synthetic",
+            tokens=grid[0] * grid[1],
+            grid=grid,
+            channels=channels,
+            compute_dtype="bfloat16",
+            preprocess=PreprocessSpec(resolution=px),
+            codec=codec,
+            has_cls=name == "clip",
+        )
+        for name, (grid, channels, px) in V1_TEACHERS.items()
+    )
+    return CacheManifest(
+        teachers=teachers,
+        num_shards=packed.num_shards,
+        shard_size=packed.shard_size,
+        dataset_fingerprint=packed.fingerprint,
+        dataset_name="bench-photos",
+        cls_teacher="clip",
+    )
 
 
 def _synthetic_rows(manifest: CacheManifest, n: int, rng: np.random.Generator):
@@ -84,8 +101,15 @@ def extract_tiny_cache(work: str, packed) -> str:
     from pipeline.extract_worker import ShardExtractor
 
     out = os.path.join(work, "tiny-cache")
-    data = load_yaml_config("tiny", {"packed": packed.root, "out": out, "progress": False,
-                                     "tiny_teachers.dir": os.path.join(work, "tiny-teachers")})
+    data = load_yaml_config(
+        "tiny",
+        {
+            "packed": packed.root,
+            "out": out,
+            "progress": False,
+            "tiny_teachers.dir": os.path.join(work, "tiny-teachers"),
+        },
+    )
     cfg = ExtractConfig.from_dict(materialize_tiny_teachers(data))
     worker = ShardExtractor(cfg, torch_threads=None)
     manifest = _manifest(cfg, packed, worker.describe())
@@ -102,9 +126,17 @@ def build_tiny_training(work: str, packed, data_json: str):
     from student.config import TrainConfig
 
     cache = extract_tiny_cache(work, packed)
-    data = load_yaml_config("train_tiny", {
-        "cache": cache, "image_root": packed.root, "data_json": data_json, "progress_bar": False,
-        "output_dir": os.path.join(work, "train"), "tiny_student.dir": os.path.join(work, "tiny-student")})
+    data = load_yaml_config(
+        "train_tiny",
+        {
+            "cache": cache,
+            "image_root": packed.root,
+            "data_json": data_json,
+            "progress_bar": False,
+            "output_dir": os.path.join(work, "train"),
+            "tiny_student.dir": os.path.join(work, "tiny-student"),
+        },
+    )
     cfg = TrainConfig.from_dict(materialize_tiny_student(data))
     trainer, tokenizer = build_training(cfg, Dist())
     return cfg, trainer, tokenizer

@@ -32,9 +32,16 @@ def write_photo_rows(root: str, n: int, size: int) -> tuple[str, str]:
         rel = f"{i:06d}.jpg"
         img = crop if size == CROP else crop.resize((size, size), Image.Resampling.BICUBIC)
         img.save(os.path.join(image_root, rel), quality=90)
-        rows.append({"id": f"r{i}", "image": rel, "conversations": [
-            {"from": "human", "value": "<image>\n"},
-            {"from": "gpt", "value": f"a photo, crop number {i}, of a scene with objects and a background"}]})
+        rows.append(
+            {
+                "id": f"r{i}",
+                "image": rel,
+                "conversations": [
+                    {"from": "human", "value": "<image>\n"},
+                    {"from": "gpt", "value": f"a photo, crop number {i}, of a scene with objects and a background"},
+                ],
+            }
+        )
     path = os.path.join(root, "data.json")
     with open(path, "w") as f:
         json.dump(rows, f)

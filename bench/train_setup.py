@@ -73,8 +73,9 @@ def photo_pack(root: str, n: int, size: int = 512, shard_size: int = 16) -> tupl
     return packed, data_json
 
 
-def extract_cache(packed_dir: str, out: str, teachers: list, codec: str, batch_size: int = 8,
-                  cls_teacher: str = "clip") -> str:
+def extract_cache(
+    packed_dir: str, out: str, teachers: list, codec: str, batch_size: int = 8, cls_teacher: str = "clip"
+) -> str:
     """Run ``ShardExtractor`` over every shard (and the no-image row) into a fresh cache ``out``."""
     from cache import CacheWriter
     from pipeline.extract import _manifest
@@ -84,8 +85,17 @@ def extract_cache(packed_dir: str, out: str, teachers: list, codec: str, batch_s
 
     if os.path.isdir(out):
         return out
-    cfg = ExtractConfig(packed=packed_dir, out=out, teachers=tuple(teachers), codec=codec, batch_size=batch_size,
-                        cls_teacher=cls_teacher, device="cpu", decode_threads=2, progress=False)
+    cfg = ExtractConfig(
+        packed=packed_dir,
+        out=out,
+        teachers=tuple(teachers),
+        codec=codec,
+        batch_size=batch_size,
+        cls_teacher=cls_teacher,
+        device="cpu",
+        decode_threads=2,
+        progress=False,
+    )
     packed = PackedDataset(packed_dir)
     worker = ShardExtractor(cfg)
     manifest = _manifest(cfg, packed, worker.describe())
@@ -97,8 +107,13 @@ def extract_cache(packed_dir: str, out: str, teachers: list, codec: str, batch_s
 
 def write_extract_yaml(path: str, teachers: list, cls_teacher: str = "clip") -> str:
     """An extraction config naming ``teachers`` (what ``--online-teachers`` reads)."""
-    data = {"packed": None, "out": None, "cls_teacher": cls_teacher, "device": "cpu",
-            "teachers": [t.to_dict() for t in teachers]}
+    data = {
+        "packed": None,
+        "out": None,
+        "cls_teacher": cls_teacher,
+        "device": "cpu",
+        "teachers": [t.to_dict() for t in teachers],
+    }
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -128,9 +143,18 @@ def tiny_teachers(root: str) -> list:
     specs["convnext"] = dataclasses.replace(specs["convnext"], source=source, model_kwargs=convnext_kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_FAMILIES.index("sam"))
-        cfg = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
-                              patch_size=8, output_channels=32, window_size=4, global_attn_indexes=[1],
-                              mlp_dim=64, initializer_range=0.02)
+        cfg = SamVisionConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=8,
+            output_channels=32,
+            window_size=4,
+            global_attn_indexes=[1],
+            mlp_dim=64,
+            initializer_range=0.02,
+        )
         specs["sam"] = dataclasses.replace(specs["sam"], source=_save_hf(SamVisionModel(cfg), root, "sam32"))
     return list(specs.values())
 
@@ -192,21 +216,37 @@ def scaled_teachers(root: str) -> list:
     if not os.path.isfile(convnext_file):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1)
-            cfg = CLIPVisionConfig(hidden_size=v["hidden"], intermediate_size=v["intermediate"],
-                                   num_hidden_layers=v["layers"], num_attention_heads=v["heads"],
-                                   image_size=v["image_size"], patch_size=v["patch"])
+            cfg = CLIPVisionConfig(
+                hidden_size=v["hidden"],
+                intermediate_size=v["intermediate"],
+                num_hidden_layers=v["layers"],
+                num_attention_heads=v["heads"],
+                image_size=v["image_size"],
+                patch_size=v["patch"],
+            )
             _perturb(CLIPVisionModel(cfg)).save_pretrained(clip_dir)
-            eva = timm.create_model("eva02_large_patch14_224", pretrained=False, img_size=EVA_RESOLUTION,
-                                    **EVA_KWARGS)
+            eva = timm.create_model("eva02_large_patch14_224", pretrained=False, img_size=EVA_RESOLUTION, **EVA_KWARGS)
             convnext = timm.create_model("convnext_xxlarge", pretrained=False, **CONVNEXT_KWARGS)
             for model, path in ((eva, eva_file), (convnext, convnext_file)):
                 save_file({k: t.contiguous() for k, t in _perturb(model).state_dict().items()}, path)
     return [
         TeacherSpec(name="clip", family="clip", source=clip_dir),
-        TeacherSpec(name="eva", family="eva", source=eva_file, arch="eva02_large_patch14_224",
-                    resolution=EVA_RESOLUTION, model_kwargs=EVA_KWARGS),
-        TeacherSpec(name="convnext", family="convnext", source=convnext_file, arch="convnext_xxlarge",
-                    resolution=CONVNEXT_RESOLUTION, model_kwargs=CONVNEXT_KWARGS),
+        TeacherSpec(
+            name="eva",
+            family="eva",
+            source=eva_file,
+            arch="eva02_large_patch14_224",
+            resolution=EVA_RESOLUTION,
+            model_kwargs=EVA_KWARGS,
+        ),
+        TeacherSpec(
+            name="convnext",
+            family="convnext",
+            source=convnext_file,
+            arch="convnext_xxlarge",
+            resolution=CONVNEXT_RESOLUTION,
+            model_kwargs=CONVNEXT_KWARGS,
+        ),
     ]
 
 
@@ -223,5 +263,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs visible (shared with other jobs), "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs visible (shared with other jobs), "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )

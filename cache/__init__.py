@@ -19,15 +19,31 @@ from cache.manifest import (
     PreprocessSpec,
     TeacherEntry,
 )
+from cache.marker import NULL_KEY, ShardCommit
 from cache.reader import CacheBatch, CacheError, FeatureCache, open_cache
 from cache.stats import compute_channel_stats
 from cache.verify import VerifyReport, verify_cache
-from cache.marker import NULL_KEY, ShardCommit
 from cache.writer import CacheWriter
 
 __all__ = [
-    "FORMAT_VERSION", "NULL_KEY", "CacheBatch", "CacheError", "CacheManifest", "CacheWriter", "Codec",
-    "FeatureCache", "ManifestError", "ManifestMismatchError", "NonFiniteError", "PreprocessSpec",
-    "ShardCommit", "TeacherEntry", "VerifyReport", "compute_channel_stats", "get_codec", "list_codecs",
-    "open_cache", "verify_cache",
+    "FORMAT_VERSION",
+    "NULL_KEY",
+    "CacheBatch",
+    "CacheError",
+    "CacheManifest",
+    "CacheWriter",
+    "Codec",
+    "FeatureCache",
+    "ManifestError",
+    "ManifestMismatchError",
+    "NonFiniteError",
+    "PreprocessSpec",
+    "ShardCommit",
+    "TeacherEntry",
+    "VerifyReport",
+    "compute_channel_stats",
+    "get_codec",
+    "list_codecs",
+    "open_cache",
+    "verify_cache",
 ]

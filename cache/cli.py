@@ -29,12 +29,13 @@ import numpy as np
 
 from cache.layout import STATS_FILE, TEACHERS
 from cache.manifest import FORMAT_NAME, PreprocessSpec, TeacherEntry
+from cache.marker import NULL_KEY
+from cache.preprocess import preprocess_image
 from cache.reader import FeatureCache, load_manifest, open_cache
 from cache.stats import compute_channel_stats
 from cache.store import Location
 from cache.verify import verify_cache
-from cache.marker import NULL_KEY
-from cache.preprocess import preprocess_image
+
 
 class CliError(Exception):
     """A user error reported as one line (exit 2)."""
@@ -42,10 +43,12 @@ class CliError(Exception):
 
 # -- parsers ---------------------------------------------------------------------------------
 
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``cache`` verb on a ``movekd`` sub-parser collection."""
-    parser = subparsers.add_parser("cache", help="inspect, verify and summarise a feature cache",
-                                   description=__doc__.split("\n\n")[0])
+    parser = subparsers.add_parser(
+        "cache", help="inspect, verify and summarise a feature cache", description=__doc__.split("\n\n")[0]
+    )
     _add_commands(parser)
     return parser
 
@@ -110,6 +113,7 @@ def _guarded(command, args) -> int:
 
 # -- inspect ---------------------------------------------------------------------------------
 
+
 def inspect_cache(cache: FeatureCache) -> dict:
     """Everything ``inspect`` reports, as a JSON-ready dict."""
     m = cache.manifest
@@ -120,14 +124,25 @@ def inspect_cache(cache: FeatureCache) -> dict:
     raw = sum(t.tokens * t.channels * 2 for t in m.teachers)
     return {
         "location": cache.location.url,
-        "manifest": {"format": FORMAT_NAME, "format_version": m.format_version, "dataset_name": m.dataset_name,
-                     "dataset_fingerprint": m.dataset_fingerprint, "created": m.created,
-                     "package_version": m.package_version, "num_shards": m.num_shards,
-                     "shard_size": m.shard_size, "cls_teacher": m.cls_teacher, "notes": dict(m.notes)},
+        "manifest": {
+            "format": FORMAT_NAME,
+            "format_version": m.format_version,
+            "dataset_name": m.dataset_name,
+            "dataset_fingerprint": m.dataset_fingerprint,
+            "created": m.created,
+            "package_version": m.package_version,
+            "num_shards": m.num_shards,
+            "shard_size": m.shard_size,
+            "cls_teacher": m.cls_teacher,
+            "notes": dict(m.notes),
+        },
         "teachers": [_teacher_info(cache, t, rows) for t in m.teachers],
         "images": {"valid": len(data_keys) - failed, "failed": failed, "total": len(data_keys)},
-        "shards": {"committed": len(cache.committed_shards), "total": m.num_shards,
-                   "null_row_committed": m.num_shards in cache.commits},
+        "shards": {
+            "committed": len(cache.committed_shards),
+            "total": m.num_shards,
+            "null_row_committed": m.num_shards in cache.commits,
+        },
         "bytes_on_disk": total,
         "bytes_per_image": total / rows,
         "raw_bf16_bytes_per_image": raw,
@@ -140,13 +155,25 @@ def _teacher_info(cache: FeatureCache, t: TeacherEntry, rows: int) -> dict:
     size = _size_under(cache.location, f"{TEACHERS}/{t.name}")
     raw = t.tokens * t.channels * 2
     return {
-        "name": t.name, "family": t.family, "source": t.source, "layer": t.layer,
-        "weights_fingerprint": t.weights_fingerprint, "tokens": t.tokens, "grid": list(t.grid),
-        "channels": t.channels, "codec": t.codec, "compute_dtype": t.compute_dtype, "resample": t.resample,
-        "native_grid": list(t.native_grid) if t.native_grid else None, "has_cls": t.has_cls,
+        "name": t.name,
+        "family": t.family,
+        "source": t.source,
+        "layer": t.layer,
+        "weights_fingerprint": t.weights_fingerprint,
+        "tokens": t.tokens,
+        "grid": list(t.grid),
+        "channels": t.channels,
+        "codec": t.codec,
+        "compute_dtype": t.compute_dtype,
+        "resample": t.resample,
+        "native_grid": list(t.native_grid) if t.native_grid else None,
+        "has_cls": t.has_cls,
         "is_cls_teacher": t.name == cache.manifest.cls_teacher,
-        "preprocess": t.preprocess.to_dict(), "preprocess_summary": preprocess_summary(t.preprocess),
-        "bytes_on_disk": size, "bytes_per_image": size / rows, "raw_bf16_bytes_per_image": raw,
+        "preprocess": t.preprocess.to_dict(),
+        "preprocess_summary": preprocess_summary(t.preprocess),
+        "bytes_on_disk": size,
+        "bytes_per_image": size / rows,
+        "raw_bf16_bytes_per_image": raw,
         "ratio_to_raw_bf16": size / rows / raw,
     }
 
@@ -196,13 +223,40 @@ def format_inspect(info: dict) -> str:
 
 
 def _teacher_table(teachers: list[dict]) -> str:
-    rows = [[t["name"] + ("*" if t["is_cls_teacher"] else ""), t["family"], t["source"], t["layer"],
-             str(t["tokens"]), "x".join(map(str, t["grid"])), str(t["channels"]), t["codec"],
-             t["resample"] + (f" from {'x'.join(map(str, t['native_grid']))}" if t["native_grid"] else ""),
-             t["preprocess_summary"], _human(t["bytes_per_image"]), f"{t['ratio_to_raw_bf16']:.3f}"]
-            for t in teachers]
-    return table(["teacher", "family", "source", "layer", "tokens", "grid", "channels", "codec", "resample",
-                  "preprocess", "disk/img", "x bf16"], rows)
+    rows = [
+        [
+            t["name"] + ("*" if t["is_cls_teacher"] else ""),
+            t["family"],
+            t["source"],
+            t["layer"],
+            str(t["tokens"]),
+            "x".join(map(str, t["grid"])),
+            str(t["channels"]),
+            t["codec"],
+            t["resample"] + (f" from {'x'.join(map(str, t['native_grid']))}" if t["native_grid"] else ""),
+            t["preprocess_summary"],
+            _human(t["bytes_per_image"]),
+            f"{t['ratio_to_raw_bf16']:.3f}",
+        ]
+        for t in teachers
+    ]
+    return table(
+        [
+            "teacher",
+            "family",
+            "source",
+            "layer",
+            "tokens",
+            "grid",
+            "channels",
+            "codec",
+            "resample",
+            "preprocess",
+            "disk/img",
+            "x bf16",
+        ],
+        rows,
+    )
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -222,6 +276,7 @@ def _human(n: float) -> str:
 
 # -- verify ----------------------------------------------------------------------------------
 
+
 def _cmd_verify(args) -> int:
     load_manifest(Location(args.path))  # missing cache / wrong version: exit 2, not a finding
     report = verify_cache(args.path, sample=args.sample, seed=args.seed, progress=not args.no_progress)
@@ -231,18 +286,23 @@ def _cmd_verify(args) -> int:
         for problem in report.problems:
             print(f"PROBLEM {problem}")
         status = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
-        print(f"{status}: {report.shards_committed}/{report.shards_total} shards committed (incl. the no-image "
-              f"row), {report.shards_checked} checked, {report.rows_sampled} images decoded")
+        print(
+            f"{status}: {report.shards_committed}/{report.shards_total} shards committed (incl. the no-image "
+            f"row), {report.shards_checked} checked, {report.rows_sampled} images decoded"
+        )
     return 0 if report.ok else 1
 
 
 # -- show ------------------------------------------------------------------------------------
 
+
 def _require_key(cache: FeatureCache, key: str) -> None:
     if key not in cache:
         hint = "; the no-image row has not been written" if key == NULL_KEY else ""
-        raise CliError(f"image key {key!r} is not in any committed shard of {cache.location.url} "
-                       f"({len(cache)} readable keys){hint}")
+        raise CliError(
+            f"image key {key!r} is not in any committed shard of {cache.location.url} "
+            f"({len(cache)} readable keys){hint}"
+        )
     if not cache.is_valid(key):
         raise CliError(f"image {key!r} failed extraction ({cache.failed()[key]}); it has no features")
 
@@ -255,9 +315,14 @@ def image_stats(cache: FeatureCache, key: str) -> dict:
     for name, x in batch.features.items():
         x = x[0].astype(np.float64)
         out["teachers"][name] = {
-            "shape": list(x.shape), "codec": cache.manifest.teacher(name).codec,
-            "mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max()),
-            "absmax": float(np.abs(x).max()), "token_l2_mean": float(np.linalg.norm(x, axis=1).mean()),
+            "shape": list(x.shape),
+            "codec": cache.manifest.teacher(name).codec,
+            "mean": float(x.mean()),
+            "std": float(x.std()),
+            "min": float(x.min()),
+            "max": float(x.max()),
+            "absmax": float(np.abs(x).max()),
+            "token_l2_mean": float(np.linalg.norm(x, axis=1).mean()),
         }
     if batch.cls_attn is not None:
         out["cls_attn"] = attention_stats(batch.cls_attn[0], cache.manifest.teacher(cache.manifest.cls_teacher))
@@ -272,9 +337,16 @@ def attention_stats(attn: np.ndarray, teacher: TeacherEntry) -> dict:
     p = a / total if total > 0 else np.full_like(a, 1.0 / a.size)
     entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
     arg = int(a.argmax())
-    return {"teacher": teacher.name, "grid": list(teacher.grid), "sum": float(total), "entropy": entropy,
-            "max_entropy": float(np.log(a.size)), "max": float(a.max()), "argmax_token": arg,
-            "argmax_rc": list(divmod(arg, teacher.grid[1]))}
+    return {
+        "teacher": teacher.name,
+        "grid": list(teacher.grid),
+        "sum": float(total),
+        "entropy": entropy,
+        "max_entropy": float(np.log(a.size)),
+        "max": float(a.max()),
+        "argmax_token": arg,
+        "argmax_rc": list(divmod(arg, teacher.grid[1])),
+    }
 
 
 def _cmd_show(args) -> int:
@@ -283,19 +355,25 @@ def _cmd_show(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"image {info['key']!r} (row {info['row']})")
-    rows = [[n, "x".join(map(str, s["shape"])), s["codec"]] + [f"{s[k]:.4g}" for k in
-            ("mean", "std", "min", "max", "absmax", "token_l2_mean")] for n, s in info["teachers"].items()]
+    rows = [
+        [n, "x".join(map(str, s["shape"])), s["codec"]]
+        + [f"{s[k]:.4g}" for k in ("mean", "std", "min", "max", "absmax", "token_l2_mean")]
+        for n, s in info["teachers"].items()
+    ]
     print(table(["teacher", "shape", "codec", "mean", "std", "min", "max", "absmax", "L2/token"], rows))
     if "cls_attn" in info:
         a = info["cls_attn"]
-        print(f"\n[CLS] attention ({a['teacher']}, grid {a['grid'][0]}x{a['grid'][1]}): sum {a['sum']:.4g}, "
-              f"entropy {a['entropy']:.4g} nats (uniform {a['max_entropy']:.4g}), max {a['max']:.4g} "
-              f"at (row {a['argmax_rc'][0]}, col {a['argmax_rc'][1]})")
+        print(
+            f"\n[CLS] attention ({a['teacher']}, grid {a['grid'][0]}x{a['grid'][1]}): sum {a['sum']:.4g}, "
+            f"entropy {a['entropy']:.4g} nats (uniform {a['max_entropy']:.4g}), max {a['max']:.4g} "
+            f"at (row {a['argmax_rc'][0]}, col {a['argmax_rc'][1]})"
+        )
         print(f"[CLS] state: {'x'.join(map(str, info['cls_state']['shape']))}, L2 {info['cls_state']['l2']:.4g}")
     return 0
 
 
 # -- attn ------------------------------------------------------------------------------------
+
 
 def _cmd_attn(args) -> int:
     if not 0.0 <= args.alpha <= 1.0:
@@ -303,8 +381,9 @@ def _cmd_attn(args) -> int:
     cache = open_cache(args.path)
     m = cache.manifest
     if m.cls_teacher is None:
-        raise CliError(f"{cache.location.url} has no cls teacher (manifest cls_teacher is null): "
-                       "no [CLS] attention is stored")
+        raise CliError(
+            f"{cache.location.url} has no cls teacher (manifest cls_teacher is null): no [CLS] attention is stored"
+        )
     _require_key(cache, args.key)
     teacher = m.teacher(m.cls_teacher)
     heat = cache.read([args.key], teachers=[]).cls_attn[0].reshape(teacher.grid)
@@ -332,8 +411,9 @@ def teacher_view(image, spec: PreprocessSpec) -> np.ndarray:
     return (np.clip(x * std + mean, 0.0, 1.0) * 255).round().astype(np.uint8).transpose(1, 2, 0)
 
 
-def draw_attention(heat: np.ndarray, out: str, title: str, picture: np.ndarray | None = None,
-                   alpha: float = 0.6) -> None:
+def draw_attention(
+    heat: np.ndarray, out: str, title: str, picture: np.ndarray | None = None, alpha: float = 0.6
+) -> None:
     """Save ``heat`` (grid rows x cols) as a PNG heatmap with a colorbar, over ``picture`` if given."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure  # object API: no pyplot, no global backend switch
@@ -356,6 +436,7 @@ def draw_attention(heat: np.ndarray, out: str, title: str, picture: np.ndarray |
 
 # -- stats -----------------------------------------------------------------------------------
 
+
 def _cmd_stats(args) -> int:
     cache = open_cache(args.path)
     names = _teacher_list(cache, args.teachers)
@@ -363,13 +444,34 @@ def _cmd_stats(args) -> int:
         raise CliError(f"{cache.location.url} has no valid images in committed shards: nothing to compute")
     out = compute_channel_stats(cache, names, progress=not args.no_progress)
     if args.json:
-        print(json.dumps({n: {k: v for k, v in s.items() if k in ("tokens", "images")} | _summary(s)
-                          for n, s in out.items()}, indent=2))
+        print(
+            json.dumps(
+                {n: {k: v for k, v in s.items() if k in ("tokens", "images")} | _summary(s) for n, s in out.items()},
+                indent=2,
+            )
+        )
         return 0
-    rows = [[n, str(s["images"]), str(s["tokens"]), str(len(s["mean"]))] +
-            [f"{v:.4g}" for v in _summary(s).values()] for n, s in out.items()]
-    print(table(["teacher", "images", "tokens", "channels", "mean min", "mean avg", "mean max",
-                 "std min", "std avg", "std max"], rows))
+    rows = [
+        [n, str(s["images"]), str(s["tokens"]), str(len(s["mean"]))] + [f"{v:.4g}" for v in _summary(s).values()]
+        for n, s in out.items()
+    ]
+    print(
+        table(
+            [
+                "teacher",
+                "images",
+                "tokens",
+                "channels",
+                "mean min",
+                "mean avg",
+                "mean max",
+                "std min",
+                "std avg",
+                "std max",
+            ],
+            rows,
+        )
+    )
     print(f"wrote {STATS_FILE} in {cache.location.url}")
     return 0
 
@@ -387,5 +489,11 @@ def _teacher_list(cache: FeatureCache, spec: str | None) -> list[str]:
 
 def _summary(s: dict) -> dict:
     mean, std = np.asarray(s["mean"]), np.asarray(s["std"])
-    return {"mean_min": float(mean.min()), "mean_avg": float(mean.mean()), "mean_max": float(mean.max()),
-            "std_min": float(std.min()), "std_avg": float(std.mean()), "std_max": float(std.max())}
+    return {
+        "mean_min": float(mean.min()),
+        "mean_avg": float(mean.mean()),
+        "mean_max": float(mean.max()),
+        "std_min": float(std.min()),
+        "std_avg": float(std.mean()),
+        "std_max": float(std.max()),
+    }

@@ -34,8 +34,8 @@ Measured size and fidelity of each preset live in ``BENCHMARKS.md`` (bench/bench
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -116,6 +116,7 @@ def check_finite(x: np.ndarray, what: str = "features") -> None:
 
 # -- 16-bit floats ---------------------------------------------------------------------------
 
+
 def float_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """Round-to-nearest-even float32 -> bfloat16 bit patterns (uint16). Exact for bf16 inputs."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
@@ -138,13 +139,19 @@ def _enc_fp16(x: np.ndarray) -> dict[str, np.ndarray]:
 
 def _lossless16(name: str, dtype: str, enc, dec, desc: str, exact: str, bound: float) -> Codec:
     return Codec(
-        name=name, description=desc, lossless_from=exact, rel_mse_bound=bound, bits_per_value=16,
+        name=name,
+        description=desc,
+        lossless_from=exact,
+        rel_mse_bound=bound,
+        bits_per_value=16,
         _components=lambda n, c: (Component("values", (n, c), dtype, "blosc-shuffle"),),
-        _encode=enc, _decode=dec,
+        _encode=enc,
+        _decode=dec,
     )
 
 
 # -- symmetric absmax integer quantisation ---------------------------------------------------
+
 
 def _round_up_to(scale: np.ndarray, dtype) -> np.ndarray:
     """``scale`` (float64) -> ``dtype``, rounded up so that no stored scale is below the exact one."""
@@ -208,21 +215,31 @@ def _int8(name: str, per: str) -> Codec:
         return (Component("values", (n, c), "int8", "zstd"), Component("scale", shape, "float32", "zstd"))
 
     return Codec(
-        name=name, description=f"int8, per-{per} absmax scale (float32), zstd",
-        lossless_from=None, rel_mse_bound=1e-4, bits_per_value=8 + 32 / 1024,
-        _components=comps, _encode=_enc_int8_token if per == "token" else _enc_int8_channel,
+        name=name,
+        description=f"int8, per-{per} absmax scale (float32), zstd",
+        lossless_from=None,
+        rel_mse_bound=1e-4,
+        bits_per_value=8 + 32 / 1024,
+        _components=comps,
+        _encode=_enc_int8_token if per == "token" else _enc_int8_channel,
         _decode=_dec_int8,
     )
 
 
 def _ecsq() -> Codec:
     return Codec(
-        name="ecsq", description="int8 levels, per-token step ~0.4 x token RMS (float32 scale), zstd "
+        name="ecsq",
+        description="int8 levels, per-token step ~0.4 x token RMS (float32 scale), zstd "
         "entropy-codes them: 4-bit-class fidelity (rel. MSE ~1.3e-2) below 4 bits/value",
-        lossless_from=None, rel_mse_bound=2e-2, bits_per_value=8 + 32 / 1024,
-        _components=lambda n, c: (Component("values", (n, c), "int8", "zstd-1"),
-                                  Component("scale", (n, 1), "float32", "zstd")),
-        _encode=_enc_ecsq, _decode=_dec_int8,
+        lossless_from=None,
+        rel_mse_bound=2e-2,
+        bits_per_value=8 + 32 / 1024,
+        _components=lambda n, c: (
+            Component("values", (n, c), "int8", "zstd-1"),
+            Component("scale", (n, 1), "float32", "zstd"),
+        ),
+        _encode=_enc_ecsq,
+        _decode=_dec_int8,
     )
 
 
@@ -230,15 +247,17 @@ def _int4(name: str, group: int) -> Codec:
     def comps(n, c):
         if c % group or group % 2:
             raise ValueError(f"codec {name}: channels ({c}) must be a multiple of the group size {group}")
-        return (Component("values", (n, c // 2), "uint8", "zstd"),
-                Component("scale", (n, c // group), "float16", "zstd"))
+        return (
+            Component("values", (n, c // 2), "uint8", "zstd"),
+            Component("scale", (n, c // group), "float16", "zstd"),
+        )
 
     def enc(x):
         b, n, c = x.shape
         comps(n, c)
         g = x.reshape(b, n, c // group, group)
         q, s = _quantise(g, np.abs(g).max(axis=3, keepdims=True), 4, np.float16)
-        nib = (q.reshape(b, n, c).astype(np.uint8) & 0x0F)
+        nib = q.reshape(b, n, c).astype(np.uint8) & 0x0F
         return {"values": nib[..., 0::2] | (nib[..., 1::2] << 4), "scale": s[..., 0]}
 
     def dec(p):
@@ -252,21 +271,39 @@ def _int4(name: str, group: int) -> Codec:
         return (q.reshape(b, n, groups, half * 2 // groups).astype(np.float32) * s[..., None]).reshape(b, n, half * 2)
 
     return Codec(
-        name=name, description=f"int4, absmax scale (float16) per group of {group} channels, 2 values/byte, zstd",
-        lossless_from=None, rel_mse_bound=2e-2, bits_per_value=4 + 16 / group,
-        _components=comps, _encode=enc, _decode=dec,
+        name=name,
+        description=f"int4, absmax scale (float16) per group of {group} channels, 2 values/byte, zstd",
+        lossless_from=None,
+        rel_mse_bound=2e-2,
+        bits_per_value=4 + 16 / group,
+        _components=comps,
+        _encode=enc,
+        _decode=dec,
     )
 
 
-register_codec(_lossless16(
-    "bf16", "uint16", lambda x: {"values": float_to_bf16_bits(x)}, lambda p: bf16_bits_to_float(p["values"]),
-    "bfloat16 bits stored as uint16, blosc byte-shuffle + zstd; bit-exact for bf16 teacher outputs",
-    "bfloat16", 2e-5,
-))
-register_codec(_lossless16(
-    "fp16", "float16", _enc_fp16, lambda p: p["values"].astype(np.float32),
-    "float16, blosc byte-shuffle + zstd; bit-exact for fp16 teacher outputs", "float16", 1e-6,
-))
+register_codec(
+    _lossless16(
+        "bf16",
+        "uint16",
+        lambda x: {"values": float_to_bf16_bits(x)},
+        lambda p: bf16_bits_to_float(p["values"]),
+        "bfloat16 bits stored as uint16, blosc byte-shuffle + zstd; bit-exact for bf16 teacher outputs",
+        "bfloat16",
+        2e-5,
+    )
+)
+register_codec(
+    _lossless16(
+        "fp16",
+        "float16",
+        _enc_fp16,
+        lambda p: p["values"].astype(np.float32),
+        "float16, blosc byte-shuffle + zstd; bit-exact for fp16 teacher outputs",
+        "float16",
+        1e-6,
+    )
+)
 register_codec(_int8("int8", "token"))
 register_codec(_int8("int8_channel", "channel"))
 register_codec(_int4("int4", 32))

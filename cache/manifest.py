@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 FORMAT_NAME = "movekd-feature-cache"
 FORMAT_VERSION = 1
@@ -84,7 +85,7 @@ class PreprocessSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessSpec:
         return _build(cls, d, "preprocess")
 
 
@@ -135,7 +136,7 @@ class TeacherEntry:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TeacherEntry":
+    def from_dict(cls, d: Mapping[str, Any]) -> TeacherEntry:
         d = dict(d)
         _require("preprocess" in d, f"teacher {d.get('name')!r}: missing 'preprocess'")
         d["preprocess"] = PreprocessSpec.from_dict(d["preprocess"])
@@ -216,13 +217,11 @@ class CacheManifest:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CacheManifest":
+    def from_dict(cls, d: Mapping[str, Any]) -> CacheManifest:
         if not isinstance(d, Mapping):
             raise ManifestError("the manifest must be a JSON object")
         if d.get("format") != FORMAT_NAME:
-            raise ManifestError(
-                f"not a movekd cache manifest (format={d.get('format')!r}, expected {FORMAT_NAME!r})"
-            )
+            raise ManifestError(f"not a movekd cache manifest (format={d.get('format')!r}, expected {FORMAT_NAME!r})")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise ManifestError(
@@ -247,7 +246,7 @@ class CacheManifest:
             d.pop(k)
         return d
 
-    def check_same(self, other: "CacheManifest", what: str = "cache") -> None:
+    def check_same(self, other: CacheManifest, what: str = "cache") -> None:
         """Raise ManifestMismatchError naming every field where ``other`` differs from ``self``."""
         diffs = diff_dicts(self.identity(), other.identity())
         if diffs:
@@ -255,8 +254,10 @@ class CacheManifest:
             more = f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else ""
             raise ManifestMismatchError(
                 f"the existing {what} was written with a different configuration; "
-                f"{len(diffs)} field(s) differ:\n" + "\n".join(lines) + more +
-                "\nWrite to a new cache path, or restore the configuration that produced this one.",
+                f"{len(diffs)} field(s) differ:\n"
+                + "\n".join(lines)
+                + more
+                + "\nWrite to a new cache path, or restore the configuration that produced this one.",
                 [p for p, _, _ in diffs],
             )
 
@@ -285,7 +286,8 @@ def _build(cls, d: Mapping[str, Any], what: str):
     unknown = sorted(set(d) - names)
     _require(not unknown, f"{what}: unknown field(s) {unknown}")
     required = {
-        f.name for f in dataclasses.fields(cls)
+        f.name
+        for f in dataclasses.fields(cls)
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
     missing = sorted(required - set(d))

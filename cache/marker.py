@@ -8,8 +8,8 @@ rows. It lives in its own module because the writer, the reader and ``verify`` a
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 
@@ -37,24 +37,37 @@ class ShardCommit:
     writer: str = ""
 
     def to_dict(self) -> dict:
-        return {"marker_version": MARKER_VERSION, "shard": self.shard, "count": len(self.keys),
-                "keys": self.keys, "failed": self.failed, "checksums": self.checksums,
-                "written_at": self.written_at, "writer": self.writer}
+        return {
+            "marker_version": MARKER_VERSION,
+            "shard": self.shard,
+            "count": len(self.keys),
+            "keys": self.keys,
+            "failed": self.failed,
+            "checksums": self.checksums,
+            "written_at": self.written_at,
+            "writer": self.writer,
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "ShardCommit":
+    def from_dict(cls, d: Mapping) -> ShardCommit:
         """Validate a marker read from storage (ValueError says what is wrong)."""
         if not isinstance(d, Mapping):
             raise ValueError("a commit marker must be a JSON object")
         if d.get("marker_version") != MARKER_VERSION:
-            raise ValueError(f"commit marker version {d.get('marker_version')!r} is not supported "
-                             f"(this movekd reads {MARKER_VERSION})")
+            raise ValueError(
+                f"commit marker version {d.get('marker_version')!r} is not supported "
+                f"(this movekd reads {MARKER_VERSION})"
+            )
         missing = [k for k in ("shard", "count", "keys", "failed", "checksums") if k not in d]
         if missing:
             raise ValueError(f"commit marker of shard {d.get('shard')} lacks {missing}")
         if d["count"] != len(d["keys"]):
             raise ValueError(f"commit marker of shard {d['shard']}: count {d['count']} != {len(d['keys'])} keys")
-        return cls(int(d["shard"]), list(d["keys"]), dict(d["failed"]), dict(d["checksums"]),
-                   d.get("written_at", ""), d.get("writer", ""))
-
-
+        return cls(
+            int(d["shard"]),
+            list(d["keys"]),
+            dict(d["failed"]),
+            dict(d["checksums"]),
+            d.get("written_at", ""),
+            d.get("writer", ""),
+        )

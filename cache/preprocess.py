@@ -29,7 +29,7 @@ Decisions:
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
@@ -155,10 +155,10 @@ def _center_crop(arr: np.ndarray, size: int) -> np.ndarray:
         new_h, new_w = max(size, height), max(size, width)
         padded = np.zeros((arr.shape[0], new_h, new_w), dtype=arr.dtype)
         top_pad, left_pad = math.ceil((new_h - height) / 2), math.ceil((new_w - width) / 2)
-        padded[:, top_pad:top_pad + height, left_pad:left_pad + width] = arr
+        padded[:, top_pad : top_pad + height, left_pad : left_pad + width] = arr
         arr, height, width = padded, new_h, new_w
     top, left = (height - size) // 2, (width - size) // 2
-    return arr[:, top:top + size, left:left + size]
+    return arr[:, top : top + size, left : left + size]
 
 
 def _pad_bottom_right(arr: np.ndarray, size: int) -> np.ndarray:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import zarr
@@ -88,13 +88,16 @@ class FeatureCache:
                 if marker["shard"] != shard:
                     raise ValueError(f"it names shard {marker['shard']}")
             except (TypeError, ValueError) as e:
-                raise CacheError(f"{self.location.url}: commit marker {name} is unreadable ({e}); "
-                                 f"run `movekd cache verify` and re-extract that shard") from e
+                raise CacheError(
+                    f"{self.location.url}: commit marker {name} is unreadable ({e}); "
+                    f"run `movekd cache verify` and re-extract that shard"
+                ) from e
             start, _ = self.manifest.shard_rows(shard)
             for i, key in enumerate(marker["keys"]):
                 if key in index:
-                    raise CacheError(f"key {key!r} is in shard {shard} and in row {index[key]}: "
-                                     f"the cache has a duplicate image")
+                    raise CacheError(
+                        f"key {key!r} is in shard {shard} and in row {index[key]}: the cache has a duplicate image"
+                    )
                 index[key] = start + i
             failed.update(marker["failed"])
             commits[shard] = marker
@@ -155,14 +158,18 @@ class FeatureCache:
         valid = np.array([k not in self._failed for k in keys], dtype=bool)
         if not allow_invalid and not valid.all():
             bad = [k for k, v in zip(keys, valid) if not v][:5]
-            raise CacheError(f"image(s) {bad} failed extraction ({self._failed[bad[0]]}); skip them or pass allow_invalid")
+            raise CacheError(
+                f"image(s) {bad} failed extraction ({self._failed[bad[0]]}); skip them or pass allow_invalid"
+            )
         names = list(self.manifest.teacher_names if teachers is None else teachers)
         feats = {}
         for name in names:
             t = self.manifest.teacher(name)
             codec = get_codec(t.codec)
-            parts = {c.name: self.read_rows(f"{TEACHERS}/{name}/{c.name}", rows)
-                     for c in codec.components(t.tokens, t.channels)}
+            parts = {
+                c.name: self.read_rows(f"{TEACHERS}/{name}/{c.name}", rows)
+                for c in codec.components(t.tokens, t.channels)
+            }
             feats[name] = codec.decode(parts, dtype)
         cls_state = cls_attn = None
         if aux and self.manifest.cls_teacher is not None:
@@ -182,20 +189,22 @@ class FeatureCache:
             return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
         uniq, inverse = np.unique(rows, return_inverse=True)
         runs = np.split(uniq, np.flatnonzero(np.diff(uniq) != 1) + 1)
-        parts = [arr[int(r[0]):int(r[-1]) + 1] for r in runs]
+        parts = [arr[int(r[0]) : int(r[-1]) + 1] for r in runs]
         return (parts[0] if len(parts) == 1 else np.concatenate(parts))[inverse]
 
     def read_shard_raw(self, path: str, shard: int) -> np.ndarray:
         """The stored values of ``path`` for the committed rows of ``shard``."""
         start, _ = self.manifest.shard_rows(shard)
-        return self._arrays()[path][start:start + self.commits[shard]["count"]]
+        return self._arrays()[path][start : start + self.commits[shard]["count"]]
 
     # -- statistics --------------------------------------------------------------------------
     def channel_stats(self, teacher: str) -> dict[str, np.ndarray]:
         """Stored per-channel ``mean``/``std`` of a teacher (see ``cache.stats``)."""
         raw = self.location.read_bytes(STATS_FILE)
         if raw is None:
-            raise CacheError(f"{self.location.url} has no channel statistics; run `movekd cache stats {self.location.url}`")
+            raise CacheError(
+                f"{self.location.url} has no channel statistics; run `movekd cache stats {self.location.url}`"
+            )
         stats = json.loads(raw)["teachers"]
         if teacher not in stats:
             raise CacheError(f"channel statistics hold no teacher {teacher!r} (have {sorted(stats)})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -22,8 +22,10 @@ def compute_channel_stats(
     cache: FeatureCache, teachers: Iterable[str] | None = None, progress: bool = True, write: bool = True
 ) -> dict[str, dict]:
     names = list(cache.manifest.teacher_names if teachers is None else teachers)
-    acc = {n: [0, np.zeros(cache.manifest.teacher(n).channels), np.zeros(cache.manifest.teacher(n).channels)]
-           for n in names}
+    acc = {
+        n: [0, np.zeros(cache.manifest.teacher(n).channels), np.zeros(cache.manifest.teacher(n).channels)]
+        for n in names
+    }
     images = 0
     for shard in tqdm(cache.committed_shards, desc="channel stats", unit="shard", disable=not progress):
         keys = [k for k in cache.commits[shard]["keys"] if cache.is_valid(k)]
@@ -34,8 +36,15 @@ def compute_channel_stats(
         for n in names:
             x = batch.features[n].reshape(-1, batch.features[n].shape[-1]).astype(np.float64)
             _merge(acc[n], len(x), x.mean(axis=0), ((x - x.mean(axis=0)) ** 2).sum(axis=0))
-    out = {n: {"mean": acc[n][1].tolist(), "std": np.sqrt(acc[n][2] / max(acc[n][0], 1)).tolist(),
-               "tokens": acc[n][0], "images": images} for n in names}
+    out = {
+        n: {
+            "mean": acc[n][1].tolist(),
+            "std": np.sqrt(acc[n][2] / max(acc[n][0], 1)).tolist(),
+            "tokens": acc[n][0],
+            "images": images,
+        }
+        for n in names
+    }
     if write:
         # a subset updates its teachers and keeps the others' (stats --teachers a must not drop b)
         old = cache.location.read_bytes(STATS_FILE)

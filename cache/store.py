@@ -24,7 +24,7 @@ class Location:
     def __init__(self, location: str | os.PathLike):
         location = str(location)
         if location.startswith("file://"):
-            location = location[len("file://"):]
+            location = location[len("file://") :]
         self.url = location
         self._fs = None
         if is_url(location):

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from cache.codecs import bf16_bits_to_float
 from cache.layout import array_specs, shard_file_key
-from cache.reader import CacheError, FeatureCache
 from cache.marker import checksum
+from cache.reader import CacheError, FeatureCache
 
 
 @dataclass
@@ -34,9 +34,15 @@ class VerifyReport:
         return not self.problems
 
     def to_dict(self) -> dict:
-        return {"location": self.location, "ok": self.ok, "problems": self.problems,
-                "shards_total": self.shards_total, "shards_committed": self.shards_committed,
-                "shards_checked": self.shards_checked, "rows_sampled": self.rows_sampled}
+        return {
+            "location": self.location,
+            "ok": self.ok,
+            "problems": self.problems,
+            "shards_total": self.shards_total,
+            "shards_committed": self.shards_committed,
+            "shards_checked": self.shards_checked,
+            "rows_sampled": self.rows_sampled,
+        }
 
 
 def verify_cache(location: str | os.PathLike, sample: int = 16, seed: int = 0, progress: bool = True) -> VerifyReport:

@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import zarr
@@ -30,11 +30,12 @@ import zarr
 from cache.codecs import NonFiniteError, check_finite, get_codec
 from cache.layout import CLS_ATTN, CLS_STATE, TEACHERS, create_arrays, marker_name
 from cache.manifest import ATTRS_KEY, CacheManifest
-from cache.reader import load_manifest
 from cache.marker import NULL_KEY, ShardCommit, checksum
+from cache.reader import load_manifest
 from cache.store import Location
 
 log = logging.getLogger(__name__)
+
 
 class CacheWriter:
     """Writes shards of one cache. Use ``create`` (driver) or ``open`` (workers)."""
@@ -43,19 +44,24 @@ class CacheWriter:
         self.location, self.group, self.manifest = location, group, manifest
 
     @classmethod
-    def create(cls, location: str | os.PathLike, manifest: CacheManifest) -> "CacheWriter":
+    def create(cls, location: str | os.PathLike, manifest: CacheManifest) -> CacheWriter:
         """Create the cache, or open it if it exists with an identical manifest."""
         loc = Location(location)
         if loc.exists("zarr.json"):
             return cls.open(location, manifest)
         group = zarr.open_group(loc.zarr_path, mode="w-", attributes={ATTRS_KEY: manifest.to_dict()})
         create_arrays(group, manifest)
-        log.info("created cache %s (%d shards x %d rows, teachers %s)", loc.url,
-                 manifest.num_shards, manifest.shard_size, ", ".join(manifest.teacher_names))
+        log.info(
+            "created cache %s (%d shards x %d rows, teachers %s)",
+            loc.url,
+            manifest.num_shards,
+            manifest.shard_size,
+            ", ".join(manifest.teacher_names),
+        )
         return cls(loc, group, manifest)
 
     @classmethod
-    def open(cls, location: str | os.PathLike, manifest: CacheManifest) -> "CacheWriter":
+    def open(cls, location: str | os.PathLike, manifest: CacheManifest) -> CacheWriter:
         """Open an existing cache for writing; refuses if ``manifest`` differs from the stored one."""
         loc = Location(location)
         existing, group = load_manifest(loc, mode="r+")
@@ -126,8 +132,14 @@ class CacheWriter:
                 arr = arr.copy()
                 arr[bad] = 0
             checksums[path] = self._write_rows(path, start, stop, arr)
-        commit = ShardCommit(shard, list(keys), failed, checksums,
-                             time.strftime("%Y-%m-%dT%H:%M:%S%z"), f"{socket.gethostname()}:{os.getpid()}")
+        commit = ShardCommit(
+            shard,
+            list(keys),
+            failed,
+            checksums,
+            time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            f"{socket.gethostname()}:{os.getpid()}",
+        )
         self.location.write_atomic(marker_name(shard), json.dumps(commit.to_dict()).encode())
         log.debug("committed shard %d (%d rows, %d failed)", shard, len(keys), len(failed))
         return commit
@@ -142,8 +154,10 @@ class CacheWriter:
                 arr = np.asarray(encoded[t.name].get(comp.name))
                 want = (len(keys), *comp.shape)
                 if arr.shape != want or arr.dtype != np.dtype(comp.dtype):
-                    raise ValueError(f"teacher {t.name} ({t.codec}): component {comp.name!r} must be "
-                                     f"{comp.dtype} {want}, got {arr.dtype} {arr.shape}")
+                    raise ValueError(
+                        f"teacher {t.name} ({t.codec}): component {comp.name!r} must be "
+                        f"{comp.dtype} {want}, got {arr.dtype} {arr.shape}"
+                    )
                 arrays[f"{TEACHERS}/{t.name}/{comp.name}"] = arr
         return arrays
 
@@ -186,16 +200,20 @@ class CacheWriter:
         cls = m.teacher(m.cls_teacher)
         for name, arr, shape in (("cls_state", cls_state, (n, cls.channels)), ("cls_attn", cls_attn, (n, cls.tokens))):
             if arr is None or np.shape(arr) != shape:
-                raise ValueError(f"{name}: expected shape {shape} from teacher {cls.name}, got "
-                                 f"{None if arr is None else np.shape(arr)}")
+                raise ValueError(
+                    f"{name}: expected shape {shape} from teacher {cls.name}, got "
+                    f"{None if arr is None else np.shape(arr)}"
+                )
         return feats, np.asarray(cls_state), np.asarray(cls_attn)
 
     def _validated_features(self, keys, features):
         m, n = self.manifest, len(keys)
         missing, extra = set(m.teacher_names) - set(features), set(features) - set(m.teacher_names)
         if missing or extra:
-            raise ValueError(f"features must hold exactly the teachers {list(m.teacher_names)}; "
-                             f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+            raise ValueError(
+                f"features must hold exactly the teachers {list(m.teacher_names)}; "
+                f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+            )
         feats = {}
         for t in m.teachers:
             x = np.asarray(features[t.name])

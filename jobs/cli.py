@@ -41,7 +41,7 @@ def build_parser(verbs: dict[str, str] | None = None) -> argparse.ArgumentParser
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for verb, module in (verbs or VERBS).items():
+    for module in (verbs or VERBS).values():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -20,15 +20,25 @@ log = logging.getLogger("movekd.demo")
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="run the whole pipeline on the bundled sample data",
-        description=__doc__.split("\n\n")[1] if __doc__ else None)
+        "demo",
+        help="run the whole pipeline on the bundled sample data",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
     p.add_argument("--out", required=True, help="directory for everything the demo writes (created)")
     p.add_argument("--codec", default="int8", help="cache codec preset for every teacher (default: int8)")
-    p.add_argument("--shard-size", type=int, default=4,
-                   help="images per packed/cache shard (small, so the sample spans several shards; default 4)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=4,
+        help="images per packed/cache shard (small, so the sample spans several shards; default 4)",
+    )
     p.add_argument("--workers", type=int, default=2, help="Ray extraction actors (default 2)")
-    p.add_argument("--train-steps", type=int, default=6,
-                   help="optimizer steps of the tiny stage-1 training run (0 skips training; default 6)")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=6,
+        help="optimizer steps of the tiny stage-1 training run (0 skips training; default 6)",
+    )
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     p.set_defaults(func=run)
 
@@ -42,11 +52,11 @@ def run(args: argparse.Namespace) -> int:
     from cache import open_cache, verify_cache
     from cache.cli import main as cache_main
     from jobs.extract import materialize_tiny_teachers
+    from jobs.image_source import PackedImageSource
+    from jobs.train import main as train_main
     from pipeline.extract import run_extraction, summarize
     from pipeline.extract_config import ExtractConfig, load_yaml_config
     from pipeline.packing import format_summary, pack_dataset
-    from jobs.image_source import PackedImageSource
-    from jobs.train import main as train_main
     from pipeline.sample_data import build_sample
 
     out = os.path.abspath(args.out)
@@ -55,15 +65,22 @@ def run(args: argparse.Namespace) -> int:
     sample = build_sample(os.path.join(out, "sample"))
     t = _stage(f"2/5 pack ({time.perf_counter() - t:.1f}s)")
     packed_dir = os.path.join(out, "packed")
-    result = pack_dataset(sample["json"], sample["image_root"], packed_dir, shard_size=args.shard_size,
-                          workers=2, progress=progress)
+    result = pack_dataset(
+        sample["json"], sample["image_root"], packed_dir, shard_size=args.shard_size, workers=2, progress=progress
+    )
     print(format_summary(result))
     t = _stage(f"3/5 extract with tiny teachers on local Ray ({time.perf_counter() - t:.1f}s)")
-    data = load_yaml_config("tiny", {
-        "packed": packed_dir, "out": os.path.join(out, "cache"), "codec": args.codec,
-        "num_workers": args.workers, "tiny_teachers.dir": os.path.join(out, "tiny-teachers"),
-        "progress": progress,
-    })
+    data = load_yaml_config(
+        "tiny",
+        {
+            "packed": packed_dir,
+            "out": os.path.join(out, "cache"),
+            "codec": args.codec,
+            "num_workers": args.workers,
+            "tiny_teachers.dir": os.path.join(out, "tiny-teachers"),
+            "progress": progress,
+        },
+    )
     report = run_extraction(ExtractConfig.from_dict(materialize_tiny_teachers(data)))
     print(summarize(report))
     if not report.ok:
@@ -83,13 +100,30 @@ def run(args: argparse.Namespace) -> int:
     cache_main(["attn", cache_dir, key, "--out", png, "--image", photo])
     if args.train_steps > 0:
         t = _stage(f"5/5 train a tiny MoLE student from the cache ({time.perf_counter() - t:.1f}s)")
-        code = train_main(["--config", "train_tiny", "--max-steps", str(args.train_steps),
-                           "--set", f"cache={cache_dir}", "--set", f"image_root={packed_dir}",
-                           "--set", f"data_json={sample['json'][0]}", "--set", f"output_dir={out}/train",
-                           "--set", f"tiny_student.dir={out}/tiny-student",
-                           "--set", f"progress_bar={str(progress).lower()}"])
+        code = train_main(
+            [
+                "--config",
+                "train_tiny",
+                "--max-steps",
+                str(args.train_steps),
+                "--set",
+                f"cache={cache_dir}",
+                "--set",
+                f"image_root={packed_dir}",
+                "--set",
+                f"data_json={sample['json'][0]}",
+                "--set",
+                f"output_dir={out}/train",
+                "--set",
+                f"tiny_student.dir={out}/tiny-student",
+                "--set",
+                f"progress_bar={str(progress).lower()}",
+            ]
+        )
         if code:
             return code
-    print(f"\ndemo finished in {out}: cache verified, attention heatmap in {png}"
-          + (f", student trained and exported under {out}/train" if args.train_steps > 0 else ""))
+    print(
+        f"\ndemo finished in {out}: cache verified, attention heatmap in {png}"
+        + (f", student trained and exported under {out}/train" if args.train_steps > 0 else "")
+    )
     return 0

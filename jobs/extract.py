@@ -28,11 +28,20 @@ different configuration (teachers, codec, preprocessing, dataset) is refused."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True,
-                   help="YAML config: a file path or a preset name from jobs/configs (e.g. tiny, movekd_v1_0_pretrain)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (dotted keys, YAML values), e.g. --set out=/data/cache "
-                        "--set batch_size=32 --set teachers.1.resolution=448; repeatable")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML config: a file path or a preset name from jobs/configs (e.g. tiny, movekd_v1_0_pretrain)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (dotted keys, YAML values), e.g. --set out=/data/cache "
+        "--set batch_size=32 --set teachers.1.resolution=448; repeatable",
+    )
     p.add_argument("--packed", help="shortcut for --set packed=DIR: the `movekd pack` output directory")
     p.add_argument("--out", help="shortcut for --set out=PATH: the cache location (path or fsspec URL)")
     p.add_argument("--workers", type=int, help="shortcut for --set num_workers=N: actors to start")
@@ -42,18 +51,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("extract", help="run the teachers over packed shards into a feature cache",
-                              description=HELP)
+    p = subparsers.add_parser(
+        "extract", help="run the teachers over packed shards into a feature cache", description=HELP
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
 
-def resolve_config(args: argparse.Namespace) -> "ExtractConfig":  # noqa: F821
+def resolve_config(args: argparse.Namespace) -> ExtractConfig:  # noqa: F821
     from pipeline.extract_config import ExtractConfig, load_yaml_config, parse_override
 
     overrides = dict(parse_override(o) for o in args.overrides)
-    for key, value in (("packed", args.packed), ("out", args.out), ("num_workers", args.workers),
-                       ("report", args.report)):
+    for key, value in (
+        ("packed", args.packed),
+        ("out", args.out),
+        ("num_workers", args.workers),
+        ("report", args.report),
+    ):
         if value is not None:
             overrides[key] = value
     if args.no_progress:

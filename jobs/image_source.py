@@ -81,12 +81,16 @@ class PackedImageSource:
         shard, member = self.packed.locate(key)
         offset, size = self._member_table(shard).get(member, (None, None))
         if offset is None:
-            raise ValueError(f"{self.packed.shard_path(shard)} has no member {member!r} although the "
-                             "index places it there; the shard was replaced: re-run `movekd pack`")
+            raise ValueError(
+                f"{self.packed.shard_path(shard)} has no member {member!r} although the "
+                "index places it there; the shard was replaced: re-run `movekd pack`"
+            )
         data = os.pread(self._fd(shard), size, offset)
         if len(data) != size:
-            raise ValueError(f"{self.packed.shard_path(shard)}: member {member!r} is cut short "
-                             f"({len(data)} of {size} bytes); re-run `movekd pack` to rewrite it")
+            raise ValueError(
+                f"{self.packed.shard_path(shard)}: member {member!r} is cut short "
+                f"({len(data)} of {size} bytes); re-run `movekd pack` to rewrite it"
+            )
         return data
 
     def _member_table(self, shard: int) -> dict[str, tuple[int, int]]:
@@ -124,8 +128,7 @@ class FolderImageSource:
     """``key -> PIL.Image`` from files under ``image_root``; ``path_for_key`` maps a key to a
     relative path (a callable or a mapping). Paths may not leave the root (symlinks included)."""
 
-    def __init__(self, image_root: str | os.PathLike,
-                 path_for_key: Callable[[str], str] | Mapping[str, str]) -> None:
+    def __init__(self, image_root: str | os.PathLike, path_for_key: Callable[[str], str] | Mapping[str, str]) -> None:
         self.image_root = os.path.abspath(image_root)
         if not os.path.isdir(self.image_root):
             raise ValueError(f"image root {self.image_root} is not a directory")
@@ -162,8 +165,10 @@ def records_from_packed(packed_dir: str | os.PathLike, json_path: str | os.PathL
     for i, row in enumerate(iter_json_list(path, hasher)):
         n_rows = i + 1
         if i >= len(table):
-            raise ValueError(f"{path} has more rows than the {len(table)} the pack recorded; "
-                             "it changed since packing: re-run `movekd pack`")
+            raise ValueError(
+                f"{path} has more rows than the {len(table)} the pack recorded; "
+                "it changed since packing: re-run `movekd pack`"
+            )
         code = int(table[i])
         if code == SKIPPED:
             rid = row.get("id") if isinstance(row, dict) else None
@@ -172,8 +177,10 @@ def records_from_packed(packed_dir: str | os.PathLike, json_path: str | os.PathL
         key = None if code == TEXT_ONLY else packed.key_at(code)
         out.append(ConversationRecord(str(row["id"]), name, i, row["conversations"], key))
     if hasher.hexdigest() != recorded["sha256"] or n_rows != len(table):
-        raise ValueError(f"{path} is not the file that was packed as {name!r} (sha256 or row count "
-                         f"differs from {packed.root}/index.json); re-run `movekd pack` on it")
+        raise ValueError(
+            f"{path} is not the file that was packed as {name!r} (sha256 or row count "
+            f"differs from {packed.root}/index.json); re-run `movekd pack` on it"
+        )
     return RecordList(out, skips.as_dict(), name)
 
 
@@ -184,8 +191,15 @@ def check_pack_matches_cache(packed_dir: str | os.PathLike, cache: FeatureCache)
         raise ValueError(
             f"cache {cache.location.url} was extracted from dataset {cache.manifest.dataset_name!r} "
             f"(fingerprint {cache.manifest.dataset_fingerprint}), not from the pack at {packed.root} "
-            f"({packed.name!r}, fingerprint {packed.fingerprint}); pass the matching pack and cache")
+            f"({packed.name!r}, fingerprint {packed.fingerprint}); pass the matching pack and cache"
+        )
 
 
-__all__ = ["FolderImageSource", "PackedImageSource", "RecordList", "check_pack_matches_cache",
-           "decode_image", "records_from_packed"]
+__all__ = [
+    "FolderImageSource",
+    "PackedImageSource",
+    "RecordList",
+    "check_pack_matches_cache",
+    "decode_image",
+    "records_from_packed",
+]

@@ -12,7 +12,7 @@ targets; the equivalence test checks that.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -28,8 +28,9 @@ class OnlineTargets:
         self.teachers, self.images, self.collate, self.cls_teacher = teachers, images, collate, cls_teacher
 
     @classmethod
-    def from_config(cls, extract_config: str, images: Callable, collate: Callable, device: str,
-                    names: tuple[str, ...]) -> "OnlineTargets":
+    def from_config(
+        cls, extract_config: str, images: Callable, collate: Callable, device: str, names: tuple[str, ...]
+    ) -> OnlineTargets:
         from jobs.extract import materialize_tiny_teachers
         from pipeline.extract_config import ExtractConfig, load_yaml_config
         from pipeline.teachers import build_teacher
@@ -52,7 +53,10 @@ class OnlineTargets:
             # teachers run under inference_mode; clone so autograd may use the targets
             batch["targets"][name] = out.tokens.float().cpu().clone()
             if name == self.cls_teacher:
-                batch["cls_state"], batch["cls_attn"] = out.cls_state.float().cpu().clone(), out.cls_attn.float().cpu().clone()
+                batch["cls_state"], batch["cls_attn"] = (
+                    out.cls_state.float().cpu().clone(),
+                    out.cls_attn.float().cpu().clone(),
+                )
         return batch
 
 

@@ -19,16 +19,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="pack a LLaVA JSON + image folder into WebDataset shards of unique images",
         description=__doc__.splitlines()[0],
     )
-    p.add_argument("--data", action="append", required=True, metavar="FILE.json",
-                   help="a LLaVA-format JSON file; repeat for several (names must differ)")
-    p.add_argument("--image-root", required=True, metavar="DIR",
-                   help="folder the JSON 'image' paths are relative to")
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="FILE.json",
+        help="a LLaVA-format JSON file; repeat for several (names must differ)",
+    )
+    p.add_argument("--image-root", required=True, metavar="DIR", help="folder the JSON 'image' paths are relative to")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (resumable)")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
-                   help=f"images per shard (default {DEFAULT_SHARD_SIZE})")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="threads for hashing/decoding checks and shard writing "
-                        "(default: CPUs, at most 8)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        metavar="N",
+        help=f"images per shard (default {DEFAULT_SHARD_SIZE})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="threads for hashing/decoding checks and shard writing (default: CPUs, at most 8)",
+    )
     p.add_argument("--name", default=None, help="dataset name for the index (default: JSON stems)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -37,9 +50,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = pack_dataset(args.data, args.image_root, args.out, shard_size=args.shard_size,
-                              workers=args.workers, name=args.name,
-                              progress=not args.no_progress)
+        result = pack_dataset(
+            args.data,
+            args.image_root,
+            args.out,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            name=args.name,
+            progress=not args.no_progress,
+        )
     except ValueError as e:
         print(f"movekd pack: error: {e}", file=sys.stderr)
         return 2

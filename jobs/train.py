@@ -37,16 +37,28 @@ streaming teacher targets from a feature cache. Checkpoints are atomic; --resume
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True,
-                   help="YAML config: a file path or a preset name from jobs/configs (train_tiny, "
-                        "train_v1_0_pretrain, train_v1_0_finetune)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a TrainConfig field (dotted keys, YAML values), e.g. --set lr=2e-5 "
-                        "--set kd.teacher_weighting=paper --set mole.rank=16; repeatable")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML config: a file path or a preset name from jobs/configs (train_tiny, "
+        "train_v1_0_pretrain, train_v1_0_finetune)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a TrainConfig field (dotted keys, YAML values), e.g. --set lr=2e-5 "
+        "--set kd.teacher_weighting=paper --set mole.rank=16; repeatable",
+    )
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in output_dir")
-    p.add_argument("--online-teachers", metavar="EXTRACT_CONFIG",
-                   help="compute the targets live with the teachers of this extraction config/preset "
-                        "(reference mode, as in the original MoVE-KD) instead of reading the cache")
+    p.add_argument(
+        "--online-teachers",
+        metavar="EXTRACT_CONFIG",
+        help="compute the targets live with the teachers of this extraction config/preset "
+        "(reference mode, as in the original MoVE-KD) instead of reading the cache",
+    )
     p.add_argument("--max-steps", type=int, help="shortcut for --set max_steps=N")
     p.add_argument("--no-export", action="store_true", help="do not export the trained student at the end")
     p.add_argument("--print-config", action="store_true", help="print the resolved TrainConfig as JSON and exit")
@@ -79,8 +91,11 @@ def materialize_tiny_student(data: dict[str, Any]) -> dict[str, Any]:
     root = tiny["dir"]
     if not os.path.isfile(os.path.join(root, "llm", "config.json")):
         make_tiny_llava_parts(root)
-    data.update(vision_tower=os.path.join(root, "vision"), llm=os.path.join(root, "llm"),
-                tokenizer=os.path.join(root, "tokenizer"))
+    data.update(
+        vision_tower=os.path.join(root, "vision"),
+        llm=os.path.join(root, "llm"),
+        tokenizer=os.path.join(root, "tokenizer"),
+    )
     return data
 
 
@@ -141,13 +156,26 @@ def build_training(cfg, dist_info: Dist, online: str | None = None):
     records = records_from_packed(cfg.image_root, cfg.data_json)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
     images = PackedImageSource(cfg.image_root)
-    dataset = DistillDataset(records, images, cache, tokenizer, preprocess=student_preprocess(cfg),
-                             template=cfg.template, teachers=cfg.teachers, max_length=cfg.max_length)
+    dataset = DistillDataset(
+        records,
+        images,
+        cache,
+        tokenizer,
+        preprocess=student_preprocess(cfg),
+        template=cfg.template,
+        teachers=cfg.teachers,
+        max_length=cfg.max_length,
+    )
     for reason, info in {**records.skipped, **dataset.skipped}.items():
         log.warning("skipped %d rows: %s (e.g. %s)", info["count"], reason, ", ".join(info["examples"][:3]))
     sampler = DistributedLengthGroupedSampler.from_dataset(
-        dataset, cfg.batch_size, grouping="modality_length" if cfg.group_by_modality_length else "none",
-        world_size=dist_info.world_size, rank=dist_info.rank, seed=cfg.seed)
+        dataset,
+        cfg.batch_size,
+        grouping="modality_length" if cfg.group_by_modality_length else "none",
+        world_size=dist_info.world_size,
+        rank=dist_info.rank,
+        seed=cfg.seed,
+    )
     collate = functools.partial(collate_distill, pad_token_id=tokenizer.pad_token_id)
     if online:
         from jobs.online_teachers import OnlineTargets
@@ -155,8 +183,16 @@ def build_training(cfg, dist_info: Dist, online: str | None = None):
         collate = OnlineTargets.from_config(online, images, collate, dist_info.device, dataset.teachers)
     bf16 = torch.device(dist_info.device).type == "cuda"
     model = build_student(cfg, cache.manifest, compute_dtype=torch.bfloat16 if bf16 else None)
-    trainer = Trainer(cfg, model, dataset, collate, sampler, rank=dist_info.rank,
-                      world_size=dist_info.world_size, device=dist_info.device)
+    trainer = Trainer(
+        cfg,
+        model,
+        dataset,
+        collate,
+        sampler,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        device=dist_info.device,
+    )
     return trainer, tokenizer
 
 

@@ -64,12 +64,18 @@ class ExtractReport:
             for k, v in s["stage_seconds"].items():
                 stages[k] = stages.get(k, 0.0) + v
         return {
-            "cache": self.cache, "ok": self.ok, "seconds": round(self.seconds, 3),
-            "shards_total": self.shards_total, "shards_skipped": self.shards_skipped,
-            "shards_done": sorted(self.shards_done), "shards_failed": {str(k): v for k, v in self.shards_failed.items()},
-            "images_processed": images, "images_failed": self.failed_images,
+            "cache": self.cache,
+            "ok": self.ok,
+            "seconds": round(self.seconds, 3),
+            "shards_total": self.shards_total,
+            "shards_skipped": self.shards_skipped,
+            "shards_done": sorted(self.shards_done),
+            "shards_failed": {str(k): v for k, v in self.shards_failed.items()},
+            "images_processed": images,
+            "images_failed": self.failed_images,
             "images_per_second": round(images / self.seconds, 3) if self.seconds else None,
-            "worker_restarts": self.worker_restarts, "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
+            "worker_restarts": self.worker_restarts,
+            "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
             "per_shard": {str(k): v for k, v in sorted(self.shards_done.items())},
         }
 
@@ -96,8 +102,14 @@ def init_ray(cfg: ExtractConfig) -> None:
         return
     if local:
         # An embedded single-node cluster, bound to loopback, gone when this process ends.
-        ray.init(address="local", num_cpus=cfg.ray_num_cpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", configure_logging=False, runtime_env=WORKER_RUNTIME_ENV)
+        ray.init(
+            address="local",
+            num_cpus=cfg.ray_num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+            runtime_env=WORKER_RUNTIME_ENV,
+        )
     else:
         # "auto" (what `ray job submit` sets up) or "ray://host:port" / "host:port"; merged with
         # the job's own runtime_env.
@@ -172,8 +184,14 @@ class _ActorPool:
             ray.kill(a, no_restart=True)
 
 
-def _run_shards(pool: _ActorPool, manifest: CacheManifest, todo: list[int], packed: PackedDataset,
-                report: ExtractReport, cfg: ExtractConfig) -> None:
+def _run_shards(
+    pool: _ActorPool,
+    manifest: CacheManifest,
+    todo: list[int],
+    packed: PackedDataset,
+    report: ExtractReport,
+    cfg: ExtractConfig,
+) -> None:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -212,8 +230,11 @@ def _run_shards(pool: _ActorPool, manifest: CacheManifest, todo: list[int], pack
         if shard < manifest.num_shards:
             bar.update(summary["images"])
         done_imgs = sum(s["images"] for s in report.shards_done.values())
-        bar.set_postfix(shards=f"{len(report.shards_done)}/{len(todo)}", failed=len(report.failed_images),
-                        img_s=f"{done_imgs / max(time.perf_counter() - t_start, 1e-9):.1f}")
+        bar.set_postfix(
+            shards=f"{len(report.shards_done)}/{len(todo)}",
+            failed=len(report.failed_images),
+            img_s=f"{done_imgs / max(time.perf_counter() - t_start, 1e-9):.1f}",
+        )
     bar.close()
     report.worker_restarts = pool.restarts
 
@@ -242,6 +263,8 @@ def summarize(report: ExtractReport) -> str:
     for shard, why in d["shards_failed"].items():
         lines.append(f"  FAILED shard {shard}: {why}")
     if d["stage_seconds"]:
-        lines.append("time per stage (s, summed over workers): " +
-                     ", ".join(f"{k}={v:.2f}" for k, v in sorted(d["stage_seconds"].items())))
+        lines.append(
+            "time per stage (s, summed over workers): "
+            + ", ".join(f"{k}={v:.2f}" for k, v in sorted(d["stage_seconds"].items()))
+        )
     return "\n".join(lines)

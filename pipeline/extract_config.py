@@ -9,9 +9,10 @@ relative to itself, then to ``jobs/configs``) and override fields, so a variant 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -85,7 +86,7 @@ class ExtractConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ExtractConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ExtractConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -114,8 +115,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _resolve(path: str | Path, relative_to: Path | None = None) -> Path:
     p = Path(path)
-    candidates = [p] if p.is_absolute() else [
-        *([relative_to / p] if relative_to else []), p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"]
+    candidates = (
+        [p]
+        if p.is_absolute()
+        else [*([relative_to / p] if relative_to else []), p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"]
+    )
     for c in candidates:
         if c.is_file():
             return c

@@ -19,8 +19,8 @@ import logging
 import os
 import time
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,8 +28,8 @@ from PIL import Image
 
 from cache.codecs import NonFiniteError, get_codec
 from cache.manifest import CacheManifest, PreprocessSpec
-from cache.preprocess import null_image_tensor, preprocess_image
 from cache.marker import NULL_KEY
+from cache.preprocess import null_image_tensor, preprocess_image
 from cache.writer import CacheWriter
 from pipeline.extract_config import ExtractConfig
 from pipeline.packed_dataset import PackedDataset
@@ -87,8 +87,15 @@ class ShardExtractor:
         writer.write_encoded(shard, keys, enc, *cls, failed=failed)
         times["write"] += time.perf_counter() - t_write
         total = time.perf_counter() - t0
-        return {"shard": shard, "images": len(keys), "failed": failed, "seconds": total,
-                "stage_seconds": dict(times), "worker": self.worker_id, "pid": os.getpid()}
+        return {
+            "shard": shard,
+            "images": len(keys),
+            "failed": failed,
+            "seconds": total,
+            "stage_seconds": dict(times),
+            "worker": self.worker_id,
+            "pid": os.getpid(),
+        }
 
     def _run_shard(self, shard: int, times: dict):
         members = list(self.packed.iter_shard(shard))
@@ -116,7 +123,7 @@ class ShardExtractor:
     def _batches(self, members, times) -> Iterator[list]:
         """Decoded+preprocessed members in order, ``prefetch_batches`` batches ahead."""
         size = self.cfg.batch_size
-        chunks = [members[i:i + size] for i in range(0, len(members), size)]
+        chunks = [members[i : i + size] for i in range(0, len(members), size)]
         with ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="decode") as pool:
             pending: deque = deque()
             for chunk in chunks[: self.cfg.prefetch_batches]:
@@ -209,4 +216,3 @@ class _Accumulator:
         if not self.cls_state:
             return None, None
         return np.concatenate(self.cls_state), np.concatenate(self.cls_attn)
-

@@ -37,12 +37,20 @@ FORMAT_MISMATCH = "format_mismatch"
 COLOR_MODE = "color_mode"
 
 # Pillow format -> tar member extension (the sample's real format).
-FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp",
-              "BMP": "bmp", "TIFF": "tiff"}
+FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
 # file extension -> the Pillow formats it may hold without a warning.
-EXT_FORMATS = {".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".jpe": {"JPEG"},
-               ".jfif": {"JPEG"}, ".png": {"PNG"}, ".gif": {"GIF"}, ".webp": {"WEBP"},
-               ".bmp": {"BMP"}, ".tif": {"TIFF"}, ".tiff": {"TIFF"}}
+EXT_FORMATS = {
+    ".jpg": {"JPEG", "MPO"},
+    ".jpeg": {"JPEG", "MPO"},
+    ".jpe": {"JPEG"},
+    ".jfif": {"JPEG"},
+    ".png": {"PNG"},
+    ".gif": {"GIF"},
+    ".webp": {"WEBP"},
+    ".bmp": {"BMP"},
+    ".tif": {"TIFF"},
+    ".tiff": {"TIFF"},
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,7 @@ class ImageCheck:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImageCheck":
+    def from_dict(cls, d: dict) -> ImageCheck:
         return cls(**{**d, "warnings": tuple(tuple(w) for w in d.get("warnings", ()))})
 
 
@@ -87,19 +95,27 @@ def _decode(path: str, data: bytes) -> ImageCheck:
     found = []
     ext = os.path.splitext(path)[1].lower()
     if fmt not in EXT_FORMATS.get(ext, ()):
-        found.append((FORMAT_MISMATCH,
-                      f"content is {fmt} but the name ends in {ext or '(nothing)'!r}"))
+        found.append((FORMAT_MISMATCH, f"content is {fmt} but the name ends in {ext or '(nothing)'!r}"))
     if mode != "RGB":
         found.append((COLOR_MODE, f"mode {mode}; converted to RGB when a teacher reads it"))
-    return ImageCheck(path, format=fmt, ext=FORMAT_EXT.get(fmt, (fmt or "bin").lower()),
-                      width=w, height=h, mode=mode, warnings=tuple(found))
+    return ImageCheck(
+        path,
+        format=fmt,
+        ext=FORMAT_EXT.get(fmt, (fmt or "bin").lower()),
+        width=w,
+        height=h,
+        mode=mode,
+        warnings=tuple(found),
+    )
 
 
 def check_image(image_root: str, rel: str) -> ImageCheck:
     """Run every check on ``image_root/rel``; never raises for a bad file."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise ValueError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process: truncated "
-                         "images would pass. Pack in a process that does not set it.")
+        raise ValueError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process: truncated "
+            "images would pass. Pack in a process that does not set it."
+        )
     try:
         real = resolve_inside(image_root, rel)
     except ValueError as e:

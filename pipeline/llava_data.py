@@ -28,8 +28,8 @@ import json
 import os
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 CHUNK_BYTES = 4 << 20
 IMAGE_TOKEN = "<image>"
@@ -54,8 +54,15 @@ class Problem:
     n_rows: int = 1
 
     def to_dict(self) -> dict:
-        return {"category": self.category, "file": self.file, "row": self.row, "id": self.id,
-                "path": self.path, "reason": self.reason, "n_rows": self.n_rows}
+        return {
+            "category": self.category,
+            "file": self.file,
+            "row": self.row,
+            "id": self.id,
+            "path": self.path,
+            "reason": self.reason,
+            "n_rows": self.n_rows,
+        }
 
 
 @dataclass
@@ -150,8 +157,10 @@ def iter_json_list(path: str, hasher=None) -> Iterator[object]:
             if c == "]" and (after_value or count == 0):
                 break
             if after_value != (c in ",]"):
-                raise ValueError(f"{where}: expected {'a comma' if after_value else 'a row'}, "
-                                 f"found {c!r} at character {reader.offset + reader.pos}")
+                raise ValueError(
+                    f"{where}: expected {'a comma' if after_value else 'a row'}, "
+                    f"found {c!r} at character {reader.offset + reader.pos}"
+                )
             if c == ",":
                 reader.pos, after_value = reader.pos + 1, False
                 continue
@@ -160,8 +169,7 @@ def iter_json_list(path: str, hasher=None) -> Iterator[object]:
             except json.JSONDecodeError as e:
                 if reader.more():
                     continue
-                raise ValueError(f"{where}: invalid JSON at character {reader.offset + e.pos}: "
-                                 f"{e.msg}") from e
+                raise ValueError(f"{where}: invalid JSON at character {reader.offset + e.pos}: {e.msg}") from e
             if end >= len(reader.buf) and reader.more():  # a number may go on in the next chunk
                 continue
             reader.pos, after_value, count = end, True, count + 1
@@ -194,7 +202,7 @@ class _ChunkReader:
         except UnicodeDecodeError as e:
             raise ValueError(f"{self.path}: not UTF-8 text ({e})") from e
         self.offset += self.pos  # characters dropped from the front of buf so far
-        self.buf, self.pos, self.eof = self.buf[self.pos:] + text, 0, not data
+        self.buf, self.pos, self.eof = self.buf[self.pos :] + text, 0, not data
         return bool(data)
 
     def next_char(self) -> str:
@@ -232,24 +240,28 @@ def _parse_row(rows: LlavaRows, index: int, row: object, intern: dict[str, str])
             image = intern.setdefault(norm, norm)
         except ValueError as e:
             rows.rejected.add(index)
-            rows.problems.append(
-                Problem(PATH_REJECTED, rows.name, index, rid, _str_or_none(raw), str(e)))
+            rows.problems.append(Problem(PATH_REJECTED, rows.name, index, rid, _str_or_none(raw), str(e)))
     rows.images.append(image)
     want = 1 if image is not None else 0
     if index not in rows.rejected and n_tokens != want:
         what = "image row" if image is not None else "text-only row"
-        rows.problems.append(Problem(
-            IMAGE_TOKEN_COUNT, rows.name, index, rid, image,
-            f"{what} has {n_tokens} {IMAGE_TOKEN} placeholders, expected {want}",
-        ))
+        rows.problems.append(
+            Problem(
+                IMAGE_TOKEN_COUNT,
+                rows.name,
+                index,
+                rid,
+                image,
+                f"{what} has {n_tokens} {IMAGE_TOKEN} placeholders, expected {want}",
+            )
+        )
 
 
 def _str_or_none(raw: object) -> str | None:
     return raw if isinstance(raw, str) else (None if raw is None else repr(raw))
 
 
-def read_llava_json(path: str, name: str | None = None,
-                    intern: dict[str, str] | None = None) -> LlavaRows:
+def read_llava_json(path: str, name: str | None = None, intern: dict[str, str] | None = None) -> LlavaRows:
     """Parse one LLaVA JSON file in a single streaming pass.
 
     ``name`` identifies the file in the index (default: its base name). ``intern`` is shared

@@ -34,7 +34,7 @@ import hashlib
 import json
 import os
 import tarfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -95,18 +95,22 @@ class PackedDataset:
         self.root = os.path.abspath(out_dir)
         index_path = os.path.join(self.root, INDEX_NAME)
         if not os.path.exists(index_path):
-            raise ValueError(f"{index_path} not found: {out_dir} is not a finished pack; "
-                             "run `movekd pack` (a missing index means the run did not complete)")
+            raise ValueError(
+                f"{index_path} not found: {out_dir} is not a finished pack; "
+                "run `movekd pack` (a missing index means the run did not complete)"
+            )
         with open(index_path, encoding="utf-8") as f:
             self.index = json.load(f)
         if self.index.get("format") != FORMAT_NAME or self.index.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{index_path}: format {self.index.get('format')!r} version "
-                             f"{self.index.get('version')!r}; this reader handles {FORMAT_NAME} "
-                             f"v{FORMAT_VERSION}. Re-pack with this version of movekd.")
+            raise ValueError(
+                f"{index_path}: format {self.index.get('format')!r} version "
+                f"{self.index.get('version')!r}; this reader handles {FORMAT_NAME} "
+                f"v{FORMAT_VERSION}. Re-pack with this version of movekd."
+            )
         tables = self.index["tables"]
         self.keys, self.exts, self.paths, self.path_image = (
-            np.load(os.path.join(self.root, tables[t]), mmap_mode="r")
-            for t in ("keys", "exts", "paths", "path_image"))
+            np.load(os.path.join(self.root, tables[t]), mmap_mode="r") for t in ("keys", "exts", "paths", "path_image")
+        )
         self._files = {f["name"]: f for f in self.index["files"]}
         self._rows: dict[str, np.ndarray] = {}
         self._inverse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -143,7 +147,7 @@ class PackedDataset:
     def keys_in_shard(self, i: int) -> list[str]:
         self.shard_path(i)  # range check
         lo = i * self.shard_size
-        return [k.decode() for k in self.keys[lo:lo + self.shard_size]]
+        return [k.decode() for k in self.keys[lo : lo + self.shard_size]]
 
     def key_for_path(self, relpath: str) -> str | None:
         """Key of the image at ``relpath`` (normalised like the packer did); None if not packed."""
@@ -162,8 +166,10 @@ class PackedDataset:
         for key, group in iter_tar_samples(path):
             images = [ext for ext in group if ext != "json"]
             if "json" not in group or len(images) != 1:
-                raise ValueError(f"{path}: sample {key!r} has members {sorted(group)}; expected "
-                                 "one image and one json. Re-run `movekd pack` to rewrite it.")
+                raise ValueError(
+                    f"{path}: sample {key!r} has members {sorted(group)}; expected "
+                    "one image and one json. Re-run `movekd pack` to rewrite it."
+                )
             yield key, group[images[0]], json.loads(group["json"])
 
     def verify_shard(self, i: int) -> bool:
@@ -176,8 +182,7 @@ class PackedDataset:
         if file not in self._files:
             raise ValueError(f"no JSON file named {file!r} in the pack; it holds {self.files}")
         if file not in self._rows:
-            self._rows[file] = np.load(os.path.join(self.root, self._files[file]["rows"]),
-                                       mmap_mode="r")
+            self._rows[file] = np.load(os.path.join(self.root, self._files[file]["rows"]), mmap_mode="r")
         return self._rows[file]
 
     def key_for_row(self, file: str, row: int) -> str | None:

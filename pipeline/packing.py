@@ -37,7 +37,11 @@ from pipeline import packing_io as io_
 from pipeline.image_checks import CheckCache, ImageCheck, check_image
 from pipeline.llava_data import LlavaRows, Problem, read_llava_json
 from pipeline.packed_dataset import (
-    INDEX_NAME, KEY_HEX, REPORT_NAME, PackedDataset, dataset_fingerprint,
+    INDEX_NAME,
+    KEY_HEX,
+    REPORT_NAME,
+    PackedDataset,
+    dataset_fingerprint,
 )
 
 __all__ = ["DEFAULT_SHARD_SIZE", "PackResult", "PackedDataset", "pack_dataset", "format_summary"]
@@ -62,9 +66,16 @@ class PackedImage:
     paths: tuple[str, ...]
 
     def meta(self) -> dict:
-        return {"key": self.key, "sha256": self.sha256, "paths": list(self.paths),
-                "width": self.width, "height": self.height, "mode": self.mode,
-                "format": self.format, "size": self.size}
+        return {
+            "key": self.key,
+            "sha256": self.sha256,
+            "paths": list(self.paths),
+            "width": self.width,
+            "height": self.height,
+            "mode": self.mode,
+            "format": self.format,
+            "size": self.size,
+        }
 
 
 @dataclass
@@ -93,8 +104,10 @@ def _read_inputs(json_paths: list[str]) -> list[LlavaRows]:
     names = [os.path.basename(p) for p in json_paths]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"--data files must have distinct names (the index keys rows by file "
-                         f"name); {dupes} appear more than once: rename or symlink them")
+        raise ValueError(
+            f"--data files must have distinct names (the index keys rows by file "
+            f"name); {dupes} appear more than once: rename or symlink them"
+        )
     intern: dict[str, str] = {}
     files = []
     for p in json_paths:
@@ -119,23 +132,21 @@ def _path_refs(files: list[LlavaRows]) -> dict[str, list]:
     return refs
 
 
-def _run_checks(paths: list[str], image_root: str, out_dir: str, workers: int,
-                progress: bool) -> dict[str, ImageCheck]:
+def _run_checks(paths: list[str], image_root: str, out_dir: str, workers: int, progress: bool) -> dict[str, ImageCheck]:
     cache = CheckCache(os.path.join(out_dir, "_checks.jsonl"), image_root)
     try:
         results = {p: c for p in paths if (c := cache.get(p)) is not None}
         todo = [p for p in paths if p not in results]
-        bar = tqdm(total=len(paths), initial=len(results), desc="check images", unit="img",
-                   disable=not progress)
+        bar = tqdm(total=len(paths), initial=len(results), desc="check images", unit="img", disable=not progress)
         # Tasks of 16 paths, 64 tasks in flight per worker: one future per path (665K of them)
         # costs more than a cheap check; all at once would hold GBs of futures.
-        tasks = [todo[i:i + 16] for i in range(0, len(todo), 16)]
+        tasks = [todo[i : i + 16] for i in range(0, len(todo), 16)]
         step = 64 * max(1, workers)
         check = lambda batch: [check_image(image_root, p) for p in batch]  # noqa: E731
         with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             warnings.simplefilter("ignore", UserWarning)  # Pillow's EXIF/size chatter, per file
             for start in range(0, len(tasks), step):
-                for batch in pool.map(check, tasks[start:start + step]):
+                for batch in pool.map(check, tasks[start : start + step]):
                     for c in batch:
                         results[c.path] = c
                         cache.put(c)
@@ -156,20 +167,22 @@ def _plan(checks: dict[str, ImageCheck]) -> tuple[list[PackedImage], dict[str, s
     for sha, group in by_sha.items():
         key = sha[:KEY_HEX]
         if key in seen:
-            raise ValueError(f"key collision: {seen[key]} and {sha} share the prefix {key}; "
-                             "raise KEY_HEX in pipeline/packed_dataset.py and re-pack")
+            raise ValueError(
+                f"key collision: {seen[key]} and {sha} share the prefix {key}; "
+                "raise KEY_HEX in pipeline/packed_dataset.py and re-pack"
+            )
         seen[key] = sha
         group.sort(key=lambda c: c.path)
         c = group[0]
-        images.append(PackedImage(key, sha, c.ext, c.format, c.width, c.height, c.mode, c.size,
-                                  tuple(g.path for g in group)))
+        images.append(
+            PackedImage(key, sha, c.ext, c.format, c.width, c.height, c.mode, c.size, tuple(g.path for g in group))
+        )
         path_key.update((g.path, key) for g in group)
     images.sort(key=lambda im: im.key)
     return images, path_key
 
 
-def _file_problems(refs: dict[str, list], checks: dict[str, ImageCheck],
-                   images: list[PackedImage]) -> list[Problem]:
+def _file_problems(refs: dict[str, list], checks: dict[str, ImageCheck], images: list[PackedImage]) -> list[Problem]:
     out = []
     for path in sorted(refs):
         name, row, rid, n = refs[path]
@@ -179,20 +192,36 @@ def _file_problems(refs: dict[str, list], checks: dict[str, ImageCheck],
     for im in images:
         for path in im.paths[1:]:
             name, row, rid, n = refs[path]
-            out.append(Problem(DUPLICATE_CONTENT, name, row, rid, path,
-                               f"same bytes as {im.paths[0]!r}; packed once as {im.key}", n))
+            out.append(
+                Problem(
+                    DUPLICATE_CONTENT,
+                    name,
+                    row,
+                    rid,
+                    path,
+                    f"same bytes as {im.paths[0]!r}; packed once as {im.key}",
+                    n,
+                )
+            )
     return out
 
 
-def _counts(files: list[LlavaRows], refs: dict, images: list[PackedImage],
-            path_key: dict[str, str], problems: list[Problem], num_shards: int) -> dict:
+def _counts(
+    files: list[LlavaRows],
+    refs: dict,
+    images: list[PackedImage],
+    path_key: dict[str, str],
+    problems: list[Problem],
+    num_shards: int,
+) -> dict:
     counts = {
         "json_files": len(files),
         "rows": sum(f.n_rows for f in files),
         "rows_with_image": sum(sum(p is not None for p in f.images) for f in files),
         "rows_text_only": sum(len(f.text_only_rows()) for f in files),
-        "rows_skipped": sum(len(f.rejected) + sum(p is not None and p not in path_key
-                                                  for p in f.images) for f in files),
+        "rows_skipped": sum(
+            len(f.rejected) + sum(p is not None and p not in path_key for p in f.images) for f in files
+        ),
         "unique_paths": len(refs),
         "unique_images": len(images),
         "shards": num_shards,
@@ -202,9 +231,15 @@ def _counts(files: list[LlavaRows], refs: dict, images: list[PackedImage],
     return counts
 
 
-def pack_dataset(json_paths: list[str], image_root: str, out_dir: str,
-                 shard_size: int = DEFAULT_SHARD_SIZE, workers: int | None = None,
-                 name: str | None = None, progress: bool = True) -> PackResult:
+def pack_dataset(
+    json_paths: list[str],
+    image_root: str,
+    out_dir: str,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    workers: int | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> PackResult:
     """Check, dedupe and pack the images of ``json_paths`` under ``image_root`` into ``out_dir``."""
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
@@ -223,10 +258,18 @@ def pack_dataset(json_paths: list[str], image_root: str, out_dir: str,
     fingerprint = dataset_fingerprint(keys, shard_size)
     name = name or "+".join(os.path.splitext(f.name)[0] for f in files)
     io_.uncommit(out_dir)
-    written, reused, shard_records = io_.write_shards(images, image_root, out_dir, shard_size,
-                                                      workers, progress)
-    result = PackResult(os.path.abspath(out_dir), os.path.abspath(image_root), name, fingerprint,
-                        len(images), len(shard_records), shard_size, written, reused)
+    written, reused, shard_records = io_.write_shards(images, image_root, out_dir, shard_size, workers, progress)
+    result = PackResult(
+        os.path.abspath(out_dir),
+        os.path.abspath(image_root),
+        name,
+        fingerprint,
+        len(images),
+        len(shard_records),
+        shard_size,
+        written,
+        reused,
+    )
     result.counts = _counts(files, refs, images, path_key, problems, len(shard_records))
     index = io_.write_tables(result, files, images, path_key, shard_records)
     io_.write_report(out_dir, result.counts, problems)
@@ -246,8 +289,21 @@ def format_summary(result: PackResult) -> str:
         f"({len(result.shards_written)} written, {len(result.shards_reused)} reused)",
         f"  fingerprint: {result.fingerprint}",
     ]
-    cats = [k for k in c if k not in ("json_files", "rows", "rows_with_image", "rows_text_only",
-                                      "rows_skipped", "unique_paths", "unique_images", "shards")]
+    cats = [
+        k
+        for k in c
+        if k
+        not in (
+            "json_files",
+            "rows",
+            "rows_with_image",
+            "rows_text_only",
+            "rows_skipped",
+            "unique_paths",
+            "unique_images",
+            "shards",
+        )
+    ]
     for cat in sorted(cats):
         kind = "rejected" if cat in REJECTING else "kept"
         lines.append(f"  {cat:<18} {c[cat]:>7}  ({kind})")

@@ -25,14 +25,26 @@ from tqdm import tqdm
 
 from pipeline.llava_data import resolve_inside
 from pipeline.packed_dataset import (
-    FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, KEY_HEX, REPORT_NAME, SKIPPED, TEXT_ONLY,
-    file_sha256, shard_name,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    KEY_HEX,
+    REPORT_NAME,
+    SKIPPED,
+    TEXT_ONLY,
+    file_sha256,
+    shard_name,
 )
 
 PROGRESS_NAME = "_progress.json"
 TMP_SUFFIX = ".tmp"
-TABLES = {"keys": "keys.npy", "exts": "exts.npy", "paths": "paths.npy",
-          "path_image": "path_image.npy", "images": "images.jsonl"}
+TABLES = {
+    "keys": "keys.npy",
+    "exts": "exts.npy",
+    "paths": "paths.npy",
+    "path_image": "path_image.npy",
+    "images": "images.jsonl",
+}
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -56,8 +68,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 # -- shards ------------------------------------------------------------------------------------
 def _shard_digest(shard: list) -> str:
-    return hashlib.sha256(json.dumps([(im.ext, im.meta()) for im in shard],
-                                     sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([(im.ext, im.meta()) for im in shard], sort_keys=True).encode()).hexdigest()
 
 
 def _read_verified(image_root: str, im) -> bytes:
@@ -65,8 +76,10 @@ def _read_verified(image_root: str, im) -> bytes:
     with open(real, "rb") as f:
         data = f.read()
     if hashlib.sha256(data).hexdigest() != im.sha256:
-        raise ValueError(f"{im.paths[0]} changed after it was checked (sha256 differs); "
-                         "rerun `movekd pack`: finished shards are kept")
+        raise ValueError(
+            f"{im.paths[0]} changed after it was checked (sha256 differs); "
+            "rerun `movekd pack`: finished shards are kept"
+        )
     return data
 
 
@@ -90,8 +103,7 @@ def _write_tar(out_dir: str, i: int, shard: list, image_root: str, digest: str) 
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return {"digest": digest, "sha256": file_sha256(path), "size": os.path.getsize(path),
-            "num_images": len(shard)}
+    return {"digest": digest, "sha256": file_sha256(path), "size": os.path.getsize(path), "num_images": len(shard)}
 
 
 def _intact(out_dir: str, i: int, rec: dict | None, digest: str) -> bool:
@@ -122,29 +134,26 @@ def _clean(out_dir: str, num_shards: int, done: dict) -> None:
             done.pop(name, None)
 
 
-def write_shards(images: list, image_root: str, out_dir: str, shard_size: int, workers: int,
-                 progress: bool) -> tuple[list[int], list[int], list[dict]]:
+def write_shards(
+    images: list, image_root: str, out_dir: str, shard_size: int, workers: int, progress: bool
+) -> tuple[list[int], list[int], list[dict]]:
     """Write every shard that is not already complete; return (written, reused, records)."""
-    shards = [images[i:i + shard_size] for i in range(0, len(images), shard_size)]
+    shards = [images[i : i + shard_size] for i in range(0, len(images), shard_size)]
     digests = [_shard_digest(s) for s in shards]
     done = _load_progress(out_dir)
     _clean(out_dir, len(shards), done)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        ok = list(pool.map(lambda i: _intact(out_dir, i, done.get(shard_name(i)), digests[i]),
-                           range(len(shards))))
+        ok = list(pool.map(lambda i: _intact(out_dir, i, done.get(shard_name(i)), digests[i]), range(len(shards))))
         reused = [i for i in range(len(shards)) if ok[i]]
         todo = [i for i in range(len(shards)) if not ok[i]]
         for i in todo:
             done.pop(shard_name(i), None)
-        bar = tqdm(total=len(shards), initial=len(reused), desc="write shards", unit="shard",
-                   disable=not progress)
-        futures = {pool.submit(_write_tar, out_dir, i, shards[i], image_root, digests[i]): i
-                   for i in todo}
+        bar = tqdm(total=len(shards), initial=len(reused), desc="write shards", unit="shard", disable=not progress)
+        futures = {pool.submit(_write_tar, out_dir, i, shards[i], image_root, digests[i]): i for i in todo}
         try:
             for fut in as_completed(futures):
                 done[shard_name(futures[fut])] = fut.result()
-                atomic_write_json(os.path.join(out_dir, PROGRESS_NAME),
-                                  {"version": FORMAT_VERSION, "shards": done})
+                atomic_write_json(os.path.join(out_dir, PROGRESS_NAME), {"version": FORMAT_VERSION, "shards": done})
                 bar.update()
         except BaseException:
             for fut in futures:
@@ -171,8 +180,7 @@ def _row_array(f, ordinal: dict[str, int], path_key: dict[str, str]) -> np.ndarr
     return out
 
 
-def write_tables(result, files: list, images: list, path_key: dict[str, str],
-                 shard_records: list[dict]) -> dict:
+def write_tables(result, files: list, images: list, path_key: dict[str, str], shard_records: list[dict]) -> dict:
     """Write the lookup tables; return the index document (written last by ``commit``)."""
     out = result.out_dir
     ordinal = {im.key: n for n, im in enumerate(images)}
@@ -185,21 +193,41 @@ def write_tables(result, files: list, images: list, path_key: dict[str, str],
     }
     for name, arr in tables.items():
         atomic_write(os.path.join(out, TABLES[name]), _npy_bytes(arr))
-    lines = [json.dumps({**im.meta(), "ext": im.ext, "shard": n // result.shard_size},
-                        sort_keys=True) for n, im in enumerate(images)]
+    lines = [
+        json.dumps({**im.meta(), "ext": im.ext, "shard": n // result.shard_size}, sort_keys=True)
+        for n, im in enumerate(images)
+    ]
     atomic_write(os.path.join(out, TABLES["images"]), "".join(x + "\n" for x in lines).encode())
     file_docs = []
     for j, f in enumerate(files):
         rows = _row_array(f, ordinal, path_key)
         atomic_write(os.path.join(out, f"rows-{j}.npy"), _npy_bytes(rows))
-        file_docs.append({"name": f.name, "path": f.path, "sha256": f.sha256,
-                          "rows": f"rows-{j}.npy", "n_rows": f.n_rows, "text_only": int((rows == TEXT_ONLY).sum()),
-                          "skipped": int((rows == SKIPPED).sum())})
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "name": result.name,
-            "image_root": result.image_root,
-            "fingerprint": result.fingerprint, "shard_size": result.shard_size,
-            "num_shards": result.num_shards, "num_images": result.num_images, "key_hex": KEY_HEX,
-            "shards": shard_records, "files": file_docs, "tables": TABLES, "counts": result.counts}
+        file_docs.append(
+            {
+                "name": f.name,
+                "path": f.path,
+                "sha256": f.sha256,
+                "rows": f"rows-{j}.npy",
+                "n_rows": f.n_rows,
+                "text_only": int((rows == TEXT_ONLY).sum()),
+                "skipped": int((rows == SKIPPED).sum()),
+            }
+        )
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "name": result.name,
+        "image_root": result.image_root,
+        "fingerprint": result.fingerprint,
+        "shard_size": result.shard_size,
+        "num_shards": result.num_shards,
+        "num_images": result.num_images,
+        "key_hex": KEY_HEX,
+        "shards": shard_records,
+        "files": file_docs,
+        "tables": TABLES,
+        "counts": result.counts,
+    }
 
 
 def write_report(out_dir: str, counts: dict, problems: list) -> None:
@@ -211,10 +239,8 @@ def write_report(out_dir: str, counts: dict, problems: list) -> None:
     by_cat: dict[str, list[str]] = {}
     for p in problems:
         by_cat.setdefault(p.category, []).append(json.dumps(p.to_dict(), sort_keys=True))
-    cats = [f"  {json.dumps(cat)}: [\n   " + ",\n   ".join(by_cat[cat]) + "\n  ]"
-            for cat in sorted(by_cat)]
-    text = (f'{{\n "counts": {json.dumps(counts, sort_keys=True)},\n "problems": {{\n'
-            + ",\n".join(cats) + "\n }\n}\n")
+    cats = [f"  {json.dumps(cat)}: [\n   " + ",\n   ".join(by_cat[cat]) + "\n  ]" for cat in sorted(by_cat)]
+    text = f'{{\n "counts": {json.dumps(counts, sort_keys=True)},\n "problems": {{\n' + ",\n".join(cats) + "\n }\n}\n"
     atomic_write(os.path.join(out_dir, REPORT_NAME), text.encode())
 
 

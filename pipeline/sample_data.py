@@ -64,36 +64,77 @@ def _turns(*pairs: str) -> list[dict]:
 
 
 FINETUNE_ROWS = [
-    ("000000000139", "coco/train2017/000000000139.jpg", _turns(
-        "<image>\nWhat vehicle is shown in the picture?", "A red sport motorcycle.",
-        "Which way is it facing?", "It is facing left, shown from its side.")),
-    ("000000000139", "coco/train2017/000000000139.jpg", _turns(
-        "What color is the motorcycle?\n<image>", "It is mostly red with black parts.")),
-    ("VQA_000000000139", "coco/train2017/000000000139.jpg", _turns(
-        "<image>\nIs anyone riding the motorcycle?\nAnswer with a single word.", "No")),
-    ("2316472", "vg/VG_100K/2316472.jpg", _turns(
-        "<image>\nProvide a one-sentence caption for the image.",
-        "A parked red motorcycle seen from the side.")),
-    ("000000000285", "coco/train2017/000000000285.jpg", _turns(
-        "<image>\nWhat is in the center of the flower?", "A yellow center surrounded by petals.",
-        "Is the photo taken indoors?", "No, it looks like an outdoor close-up.")),
-    ("2354786", "gqa/images/2354786.jpg", _turns(
-        "<image>\nWhat is the vehicle in this image?", "A motorcycle.")),
-    ("2354786_1", "gqa/images/2354786.jpg", _turns(
-        "<image>\nIs the motorcycle facing right?\nAnswer the question using a single word.",
-        "Yes")),
-    ("2375429", "gqa/images/2375429.jpg", _turns(
-        "<image>\nWhat is the man holding?", "He is operating a camera on a tripod.")),
-    ("0385504209", "ocr_vqa/images/0385504209.jpg", _turns(
-        "<image>\nIs this page printed or handwritten?", "It is a printed page of text.")),
-    ("000000000632", "coco/train2017/000000000632.jpg", _turns(
-        "<image>\nWhat kind of photograph is this?",
-        "A medical photograph of the retina at the back of an eye.")),
-    ("0a0bc91825468c45", "textvqa/train_images/0a0bc91825468c45.jpg", _turns(
-        "<image>\nHow many coins are there?", "There are twenty-four coins.")),
-    ("i6IyJda_0", None, _turns(
-        "Write a haiku about distillation.",
-        "Many teachers speak;\none small student listens close,\nkeeping what they see.")),
+    (
+        "000000000139",
+        "coco/train2017/000000000139.jpg",
+        _turns(
+            "<image>\nWhat vehicle is shown in the picture?",
+            "A red sport motorcycle.",
+            "Which way is it facing?",
+            "It is facing left, shown from its side.",
+        ),
+    ),
+    (
+        "000000000139",
+        "coco/train2017/000000000139.jpg",
+        _turns("What color is the motorcycle?\n<image>", "It is mostly red with black parts."),
+    ),
+    (
+        "VQA_000000000139",
+        "coco/train2017/000000000139.jpg",
+        _turns("<image>\nIs anyone riding the motorcycle?\nAnswer with a single word.", "No"),
+    ),
+    (
+        "2316472",
+        "vg/VG_100K/2316472.jpg",
+        _turns("<image>\nProvide a one-sentence caption for the image.", "A parked red motorcycle seen from the side."),
+    ),
+    (
+        "000000000285",
+        "coco/train2017/000000000285.jpg",
+        _turns(
+            "<image>\nWhat is in the center of the flower?",
+            "A yellow center surrounded by petals.",
+            "Is the photo taken indoors?",
+            "No, it looks like an outdoor close-up.",
+        ),
+    ),
+    ("2354786", "gqa/images/2354786.jpg", _turns("<image>\nWhat is the vehicle in this image?", "A motorcycle.")),
+    (
+        "2354786_1",
+        "gqa/images/2354786.jpg",
+        _turns("<image>\nIs the motorcycle facing right?\nAnswer the question using a single word.", "Yes"),
+    ),
+    (
+        "2375429",
+        "gqa/images/2375429.jpg",
+        _turns("<image>\nWhat is the man holding?", "He is operating a camera on a tripod."),
+    ),
+    (
+        "0385504209",
+        "ocr_vqa/images/0385504209.jpg",
+        _turns("<image>\nIs this page printed or handwritten?", "It is a printed page of text."),
+    ),
+    (
+        "000000000632",
+        "coco/train2017/000000000632.jpg",
+        _turns(
+            "<image>\nWhat kind of photograph is this?", "A medical photograph of the retina at the back of an eye."
+        ),
+    ),
+    (
+        "0a0bc91825468c45",
+        "textvqa/train_images/0a0bc91825468c45.jpg",
+        _turns("<image>\nHow many coins are there?", "There are twenty-four coins."),
+    ),
+    (
+        "i6IyJda_0",
+        None,
+        _turns(
+            "Write a haiku about distillation.",
+            "Many teachers speak;\none small student listens close,\nkeeping what they see.",
+        ),
+    ),
 ]
 
 
@@ -132,8 +173,10 @@ def _write(path: str, data: bytes) -> None:
 
 
 def _pretrain_rows() -> list[dict]:
-    return [{"id": os.path.splitext(os.path.basename(p))[0], "image": p,
-             "conversations": _turns("<image>", caption)} for p, caption in CAPTIONS.items()]
+    return [
+        {"id": os.path.splitext(os.path.basename(p))[0], "image": p, "conversations": _turns("<image>", caption)}
+        for p, caption in CAPTIONS.items()
+    ]
 
 
 def _finetune_rows() -> list[dict]:
@@ -168,7 +211,10 @@ def build_sample(out_dir: str) -> dict:
             "unreadable": ["textvqa/train_images/0a0bc91825468c45.jpg"],
             "duplicate_content": ["vg/VG_100K/2316472.jpg"],
             "format_mismatch": ["ocr_vqa/images/0385504209.jpg"],
-            "color_mode": ["coco/train2017/000000000632.jpg", "gqa/images/2375429.jpg",
-                           "ocr_vqa/images/0385504209.jpg"],
+            "color_mode": [
+                "coco/train2017/000000000632.jpg",
+                "gqa/images/2375429.jpg",
+                "ocr_vqa/images/0385504209.jpg",
+            ],
         },
     }

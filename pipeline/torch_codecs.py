@@ -39,7 +39,7 @@ returns: same components, dtypes, shapes and bits. The numpy codecs stay the spe
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -98,13 +98,14 @@ def encode_torch(codec_name: str, x: torch.Tensor) -> dict[str, np.ndarray]:
         rows = torch.nonzero(flags[: x.shape[0]]).flatten().tolist()
         if rows:
             raise NonFiniteError(rows)
-        for (_, message), failed in zip(checks, flags[x.shape[0]:].tolist()):
+        for (_, message), failed in zip(checks, flags[x.shape[0] :].tolist()):
             if failed:
                 raise ValueError(message)
         return {name: _to_host(part) for name, part in parts.items()}
 
 
 # -- helpers --------------------------------------------------------------------------------
+
 
 def _const(value: float, like: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """A 0-dim tensor on ``like``'s device (see the module docstring: never divide by a scalar).
@@ -138,13 +139,15 @@ def round_up_to(scale: torch.Tensor, dtype: torch.dtype, checks: list) -> torch.
     (numpy's ``_round_up_to``); an overflow to Inf is reported through ``checks``."""
     s = scale.to(dtype)
     s = torch.where(s.double() < scale, torch.nextafter(s, _const(float("inf"), s, dtype)), s)
-    checks.append(((~torch.isfinite(s)).any(),
-                   f"quantisation scale overflows {_dtype_name(dtype)}; use the bf16 codec"))
+    checks.append(
+        ((~torch.isfinite(s)).any(), f"quantisation scale overflows {_dtype_name(dtype)}; use the bf16 codec")
+    )
     return s
 
 
-def _quantise(x: torch.Tensor, absmax: torch.Tensor, bits: int, scale_dtype: torch.dtype,
-              checks: list) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantise(
+    x: torch.Tensor, absmax: torch.Tensor, bits: int, scale_dtype: torch.dtype, checks: list
+) -> tuple[torch.Tensor, torch.Tensor]:
     """numpy's ``_quantise``: float64 scale rounded up, float32 ``rint(x / s)``, clipped."""
     qmax = 2 ** (bits - 1) - 1
     scale = round_up_to(absmax.double() / _const(qmax + 0.5, x), scale_dtype, checks)
@@ -186,6 +189,7 @@ def _pairwise(v: torch.Tensor) -> torch.Tensor:
 
 # -- the presets ----------------------------------------------------------------------------
 
+
 @register_torch_encoder("bf16")
 def _enc_bf16(x, checks):
     y = x.to(torch.bfloat16)  # RNE, = numpy's (u + 0x7FFF + lsb) >> 16 for finite inputs
@@ -195,8 +199,12 @@ def _enc_bf16(x, checks):
 
 @register_torch_encoder("fp16")
 def _enc_fp16(x, checks):
-    checks.append(((abs_max(x, 2) > torch.finfo(torch.float16).max).any(),
-                   "value out of float16 range (max 65504); use the bf16 or int8 codec"))
+    checks.append(
+        (
+            (abs_max(x, 2) > torch.finfo(torch.float16).max).any(),
+            "value out of float16 range (max 65504); use the bf16 or int8 codec",
+        )
+    )
     return {"values": x.to(torch.float16)}
 
 
@@ -234,7 +242,7 @@ def _enc_ecsq(x, checks):
     absmax = abs_max(x, 2).double()
     flat = x.reshape(b * n, c)
     step = max(1, _ECSQ_CHUNK // max(c, 1))
-    sumsq = torch.cat([numpy_sum_lastdim(flat[i:i + step].double().square_()) for i in range(0, b * n, step)])
+    sumsq = torch.cat([numpy_sum_lastdim(flat[i : i + step].double().square_()) for i in range(0, b * n, step)])
     rms = torch.sqrt(sumsq.reshape(b, n, 1) / _const(c, x))
     ratio = torch.where(absmax > 0, absmax / (np_codecs.ECSQ_STEP_RMS * rms), 1.0)
     levels = torch.clamp(torch.floor(ratio), 1, 127)

@@ -17,7 +17,7 @@ Decisions (REFERENCE section 4):
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -29,8 +29,7 @@ KINDS = ("auto", "token_linear", "mlp")
 
 def _check_input(x: torch.Tensor, tokens: int, channels: int, what: str) -> None:
     if x.dim() != 3 or x.shape[1] != tokens or x.shape[2] != channels:
-        raise ValueError(f"{what} expects [batch, {tokens}, {channels}] teacher tokens, "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(f"{what} expects [batch, {tokens}, {channels}] teacher tokens, got shape {tuple(x.shape)}")
 
 
 class TokenLinearAdapter(nn.Module):
@@ -38,8 +37,12 @@ class TokenLinearAdapter(nn.Module):
 
     def __init__(self, channels: int, tokens: int, student_dim: int = 1024, student_tokens: int = 576) -> None:
         super().__init__()
-        for name, v in (("channels", channels), ("tokens", tokens), ("student_dim", student_dim),
-                        ("student_tokens", student_tokens)):
+        for name, v in (
+            ("channels", channels),
+            ("tokens", tokens),
+            ("student_dim", student_dim),
+            ("student_tokens", student_tokens),
+        ):
             if v < 1:
                 raise ValueError(f"TokenLinearAdapter: {name} must be >= 1, got {v}")
         self.channels, self.tokens = channels, tokens
@@ -59,9 +62,11 @@ class MLPAdapter(nn.Module):
     def __init__(self, channels: int, tokens: int, student_dim: int = 1024, student_tokens: int = 576) -> None:
         super().__init__()
         if tokens != student_tokens:
-            raise ValueError(f"MLPAdapter needs the teacher grid at the student's token count: "
-                             f"tokens={tokens} != student_tokens={student_tokens} "
-                             "(use a resampled cache or the token_linear adapter)")
+            raise ValueError(
+                f"MLPAdapter needs the teacher grid at the student's token count: "
+                f"tokens={tokens} != student_tokens={student_tokens} "
+                "(use a resampled cache or the token_linear adapter)"
+            )
         if channels < 1 or student_dim < 1:
             raise ValueError(f"MLPAdapter: channels and student_dim must be >= 1, got {channels}, {student_dim}")
         self.channels, self.tokens = channels, tokens
@@ -76,9 +81,11 @@ class MLPAdapter(nn.Module):
 
 def _check_raw_teacher(t: TeacherEntry, student_dim: int, student_tokens: int) -> None:
     if t.channels != student_dim or t.tokens != student_tokens:
-        raise ValueError(f"teacher {t.name!r} is used without an adapter, so it must match the student: "
-                         f"it has {t.tokens} tokens x {t.channels} channels, the student "
-                         f"{student_tokens} x {student_dim}")
+        raise ValueError(
+            f"teacher {t.name!r} is used without an adapter, so it must match the student: "
+            f"it has {t.tokens} tokens x {t.channels} channels, the student "
+            f"{student_tokens} x {student_dim}"
+        )
 
 
 def build_adapter(entry: TeacherEntry, student_dim: int, student_tokens: int, kind: str = "auto") -> nn.Module:

@@ -38,9 +38,10 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,20 +87,40 @@ def saved_parameter_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad} | new_module_parameter_names(model)
 
 
-def fingerprint(cfg: TrainConfig, model: nn.Module, world_size: int,
-                samples_per_epoch: int | None = None) -> dict[str, Any]:
+def fingerprint(
+    cfg: TrainConfig, model: nn.Module, world_size: int, samples_per_epoch: int | None = None
+) -> dict[str, Any]:
     """The fields that must match for a checkpoint to continue this run exactly
     (``samples_per_epoch``: this rank's share, which changes with the dataset)."""
-    trajectory = ("lr", "weight_decay", "warmup_ratio", "schedule", "epochs", "max_steps", "batch_size",
-                  "grad_accum", "max_grad_norm", "seed", "group_by_modality_length")
+    trajectory = (
+        "lr",
+        "weight_decay",
+        "warmup_ratio",
+        "schedule",
+        "epochs",
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "max_grad_norm",
+        "seed",
+        "group_by_modality_length",
+    )
     return {
-        "stage": cfg.stage, "teachers": list(model.teachers), "clip_name": model.clip_name,
-        "mole": cfg.mole.to_dict(), "kd": cfg.kd.to_dict(), "projector": cfg.projector,
-        "adapter_kind": cfg.adapter_kind, "tune_vision_base": cfg.tune_vision_base,
-        "optimization": {k: getattr(cfg, k) for k in trajectory}, "world_size": world_size,
+        "stage": cfg.stage,
+        "teachers": list(model.teachers),
+        "clip_name": model.clip_name,
+        "mole": cfg.mole.to_dict(),
+        "kd": cfg.kd.to_dict(),
+        "projector": cfg.projector,
+        "adapter_kind": cfg.adapter_kind,
+        "tune_vision_base": cfg.tune_vision_base,
+        "optimization": {k: getattr(cfg, k) for k in trajectory},
+        "world_size": world_size,
         "samples_per_epoch": samples_per_epoch,
-        "parameters": {n: "x".join(map(str, p.shape)) + (" trainable" if p.requires_grad else "")
-                       for n, p in model.named_parameters()},
+        "parameters": {
+            n: "x".join(map(str, p.shape)) + (" trainable" if p.requires_grad else "")
+            for n, p in model.named_parameters()
+        },
     }
 
 
@@ -128,8 +149,12 @@ def rng_state() -> dict[str, Any]:
     _, keys, pos, has_gauss, cached = np.random.get_state()
     out = {
         "python": {"version": version, "state": list(state), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -167,8 +192,9 @@ def load_weights(model: nn.Module, path) -> None:
     expected = saved_parameter_names(model)
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:
-        raise CheckpointMismatchError(f"{file} does not fit this model: missing {missing[:8]}, "
-                                      f"unexpected {extra[:8]}", missing + extra)
+        raise CheckpointMismatchError(
+            f"{file} does not fit this model: missing {missing[:8]}, unexpected {extra[:8]}", missing + extra
+        )
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -190,7 +216,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     if _is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     sd, names = optimizer.state_dict(), _param_names(model, optimizer)
     flat = [n for group in names for n in group]
     groups = [{**g, "params": [flat[i] for i in g["params"]]} for g in sd["param_groups"]]
@@ -206,8 +234,10 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     names = _param_names(model, optimizer)
     saved = [g["params"] for g in state["param_groups"]]
     if saved != names:
-        raise CheckpointMismatchError("the checkpoint's optimizer holds different parameters than this "
-                                      "model's trainable set", ["optimizer.param_groups"])
+        raise CheckpointMismatchError(
+            "the checkpoint's optimizer holds different parameters than this model's trainable set",
+            ["optimizer.param_groups"],
+        )
     index = {n: i for i, n in enumerate(n for group in names for n in group)}
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]
     optimizer.load_state_dict({"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups})
@@ -266,8 +296,17 @@ def _noop() -> None:
 
 
 def save_checkpoint(
-    root, state: TrainState, model: nn.Module, optimizer, scheduler, fp: dict, cfg: TrainConfig,
-    *, rank: int = 0, barrier: Callable[[], None] = _noop, sampler_state: dict | None = None,
+    root,
+    state: TrainState,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    fp: dict,
+    cfg: TrainConfig,
+    *,
+    rank: int = 0,
+    barrier: Callable[[], None] = _noop,
+    sampler_state: dict | None = None,
 ) -> Path:
     """Write ``step-N/`` atomically (every rank calls this; rank 0 writes the shared files)."""
     root = Path(root)
@@ -283,9 +322,17 @@ def save_checkpoint(
     if rank == 0:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": state.step, "epoch": state.epoch,
-                "cursor": state.cursor, "world_size": fp["world_size"], "sampler": sampler_state, "fingerprint": fp,
-                "config": cfg.to_dict()}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "step": state.step,
+            "epoch": state.epoch,
+            "cursor": state.cursor,
+            "world_size": fp["world_size"],
+            "sampler": sampler_state,
+            "fingerprint": fp,
+            "config": cfg.to_dict(),
+        }
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -299,8 +346,10 @@ def read_trainer_state(path) -> dict:
     file = Path(path) / "trainer_state.json"
     meta = json.loads(file.read_text())
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: not a {FORMAT} v{FORMAT_VERSION} checkpoint "
-                         f"(format={meta.get('format')!r}, version={meta.get('format_version')!r})")
+        raise ValueError(
+            f"{file}: not a {FORMAT} v{FORMAT_VERSION} checkpoint "
+            f"(format={meta.get('format')!r}, version={meta.get('format_version')!r})"
+        )
     return meta
 
 

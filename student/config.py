@@ -20,8 +20,9 @@ Decisions:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from student.kd_loss import KDConfig
 from student.mole import MoLEConfig
@@ -89,16 +90,21 @@ class TrainConfig:
             if not self.teachers or len(set(self.teachers)) != len(self.teachers):
                 raise ValueError(f"TrainConfig.teachers must be non-empty and unique, got {self.teachers}")
         for name, value, allowed in (
-            ("stage", self.stage, STAGES), ("template", self.template, TEMPLATES),
-            ("image_aspect_ratio", self.image_aspect_ratio, ASPECTS), ("schedule", self.schedule, SCHEDULES),
-            ("distributed", self.distributed, STRATEGIES), ("adapter_kind", self.adapter_kind, ADAPTER_KINDS),
+            ("stage", self.stage, STAGES),
+            ("template", self.template, TEMPLATES),
+            ("image_aspect_ratio", self.image_aspect_ratio, ASPECTS),
+            ("schedule", self.schedule, SCHEDULES),
+            ("distributed", self.distributed, STRATEGIES),
+            ("adapter_kind", self.adapter_kind, ADAPTER_KINDS),
         ):
             if value not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
         self._check_numbers()
         if self.stage == "pretrain" and self.tune_vision_base:
-            raise ValueError("TrainConfig.tune_vision_base=True is a stage-2 (finetune) option; "
-                             "stage 1 trains projector, MoLE and adapters only")
+            raise ValueError(
+                "TrainConfig.tune_vision_base=True is a stage-2 (finetune) option; "
+                "stage 1 trains projector, MoLE and adapters only"
+            )
 
     def _check_numbers(self) -> None:
         positive = ("max_length", "epochs", "batch_size", "grad_accum", "log_every", "save_every", "keep_last_k")
@@ -127,7 +133,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         if not isinstance(d, Mapping):
             raise ValueError(f"TrainConfig.from_dict needs a mapping, got {type(d).__name__}")
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
@@ -142,8 +148,13 @@ class TrainConfig:
 
 
 _FINETUNE = dict(
-    stage="finetune", template="vicuna_v1", image_aspect_ratio="pad", lr=2e-5, batch_size=8,
-    group_by_modality_length=True, tune_vision_base=True,
+    stage="finetune",
+    template="vicuna_v1",
+    image_aspect_ratio="pad",
+    lr=2e-5,
+    batch_size=8,
+    group_by_modality_length=True,
+    tune_vision_base=True,
 )
 
 

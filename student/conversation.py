@@ -63,9 +63,7 @@ class Template:
 
 TEMPLATES: dict[str, Template] = {
     "plain": Template("plain", system="", roles=("", ""), sep="\n", sep2="\n"),
-    "vicuna_v1": Template(
-        "vicuna_v1", system=VICUNA_SYSTEM, roles=("USER", "ASSISTANT"), sep=" ", sep2="</s>"
-    ),
+    "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM, roles=("USER", "ASSISTANT"), sep=" ", sep2="</s>"),
 }
 
 
@@ -81,9 +79,7 @@ def get_template(template: str | Template) -> Template:
     return TEMPLATES[template]
 
 
-def _validate_turns(
-    conversations: Sequence[Mapping], has_image: bool, rid: str
-) -> list[tuple[str, str]]:
+def _validate_turns(conversations: Sequence[Mapping], has_image: bool, rid: str) -> list[tuple[str, str]]:
     """Check roles, values and ``<image>`` placement; return (role, value) pairs."""
     if not all(isinstance(t, Mapping) for t in conversations):
         raise ValueError(f"row {rid}: every turn must be a mapping with 'from' and 'value'")
@@ -97,9 +93,7 @@ def _validate_turns(
         if role not in (HUMAN, GPT):
             raise ValueError(f"row {rid}: turn {i} has unknown role {role!r} (want human/gpt)")
         if role != (HUMAN, GPT)[i % 2]:
-            raise ValueError(
-                f"row {rid}: turn {i} is from {role!r}; roles must alternate human, gpt"
-            )
+            raise ValueError(f"row {rid}: turn {i} is from {role!r}; roles must alternate human, gpt")
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"row {rid}: turn {i} ({role}) has an empty or non-string value")
         count = value.count(IMAGE_PLACEHOLDER)
@@ -158,9 +152,7 @@ def _bos_prefix(tokenizer) -> list[int]:
     return [bos] if ids and bos is not None and ids[0] == bos else []
 
 
-def encode_prompt(
-    prompt: str, spans: Sequence[tuple[int, int]], tokenizer
-) -> tuple[list[int], list[int]]:
+def encode_prompt(prompt: str, spans: Sequence[tuple[int, int]], tokenizer) -> tuple[list[int], list[int]]:
     """Tokenise ``prompt`` (``<image>`` -> sentinel) and label tokens overlapping ``spans``."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("tokenize_conversation needs a fast tokenizer (offset mapping)")
@@ -198,9 +190,7 @@ def _truncate(ids, labels, max_length, num_image_tokens, rid):
         )
     ids, labels = ids[:limit], labels[:limit]
     if all(label == IGNORE_INDEX for label in labels):
-        raise ConversationTooLong(
-            f"row {rid}: nothing supervised is left after truncation to max_length={max_length}"
-        )
+        raise ConversationTooLong(f"row {rid}: nothing supervised is left after truncation to max_length={max_length}")
     return ids, labels
 
 
@@ -222,8 +212,7 @@ def tokenize_conversation(
     rid = "?" if row_id is None else row_id
     if num_image_tokens < 1 or max_length < 1:
         raise ValueError(
-            f"row {rid}: num_image_tokens ({num_image_tokens}) and max_length ({max_length}) "
-            "must be positive"
+            f"row {rid}: num_image_tokens ({num_image_tokens}) and max_length ({max_length}) must be positive"
         )
     prompt, spans = render(row_conversations, template, has_image, row_id=rid)
     ids, labels = encode_prompt(prompt, spans, tokenizer)

@@ -123,7 +123,7 @@ class _RecordTable:
         return len(self._row)
 
     def record(self, i: int) -> ConversationRecord:
-        conv = json.loads(self._blob[self._offsets[i]:self._offsets[i + 1]].tobytes())
+        conv = json.loads(self._blob[self._offsets[i] : self._offsets[i + 1]].tobytes())
         key = self._keys[i].decode() or None
         return ConversationRecord(self._ids[i].decode(), self._sources[self._source[i]], int(self._row[i]), conv, key)
 
@@ -134,18 +134,23 @@ def _bytes_array(items: list[bytes]) -> np.ndarray:
 
 def check_preprocess(student: PreprocessSpec, cache_spec: PreprocessSpec, where: str) -> None:
     """Raise ``ValueError`` naming every field where the student's preprocessing differs."""
-    diffs = [(f.name, getattr(student, f.name), getattr(cache_spec, f.name))
-             for f in dataclasses.fields(PreprocessSpec) if getattr(student, f.name) != getattr(cache_spec, f.name)]
+    diffs = [
+        (f.name, getattr(student, f.name), getattr(cache_spec, f.name))
+        for f in dataclasses.fields(PreprocessSpec)
+        if getattr(student, f.name) != getattr(cache_spec, f.name)
+    ]
     if diffs:
         lines = "; ".join(f"preprocess.{n}: student={a!r}, cache={b!r}" for n, a, b in diffs)
         raise ValueError(
             f"the student's preprocessing differs from {where}: {lines}. The student must see the "
             "pixels the teachers saw: use the cache extracted for this stage (stage 1 'square', "
-            "stage 2 'pad') or set the student's PreprocessSpec to the cache's.")
+            "stage 2 'pad') or set the student's PreprocessSpec to the cache's."
+        )
 
 
-def check_cache(cache: FeatureCache, preprocess: PreprocessSpec, teachers: Sequence[str] | None,
-                require_cls: bool) -> tuple[str, ...]:
+def check_cache(
+    cache: FeatureCache, preprocess: PreprocessSpec, teachers: Sequence[str] | None, require_cls: bool
+) -> tuple[str, ...]:
     """Validate ``cache`` for distillation (module docstring); return the teachers to read."""
     m, url = cache.manifest, cache.location.url
     if not cache.complete:
@@ -153,7 +158,8 @@ def check_cache(cache: FeatureCache, preprocess: PreprocessSpec, teachers: Seque
         raise ValueError(
             f"cache {url} has {missing} of {m.num_shards} shards uncommitted (not written yet, or the "
             f"extraction was interrupted); finish it with `movekd extract` (it resumes), then check "
-            f"it with `movekd cache verify {url}`")
+            f"it with `movekd cache verify {url}`"
+        )
     names = tuple(m.teacher_names if teachers is None else teachers)
     unknown = [t for t in names if t not in m.teacher_names]
     if unknown or not names:
@@ -163,14 +169,17 @@ def check_cache(cache: FeatureCache, preprocess: PreprocessSpec, teachers: Seque
             raise ValueError(
                 f"cache {url} has no cls teacher (manifest cls_teacher is None), but attention-guided "
                 "KD needs the CLIP teacher's CLS state and attention: re-extract with cls_teacher set, "
-                "or use token_weighting='uniform' and teacher_weighting='fixed' with require_cls=False")
+                "or use token_weighting='uniform' and teacher_weighting='fixed' with require_cls=False"
+            )
     else:
         check_preprocess(preprocess, m.teacher(m.cls_teacher).preprocess, f"cache {url} (teacher {m.cls_teacher!r})")
     for name in names:
         aspect = m.teacher(name).preprocess.aspect
         if aspect != preprocess.aspect:
-            raise ValueError(f"preprocess.aspect: student={preprocess.aspect!r}, cache {url} teacher "
-                             f"{name!r}={aspect!r}; use the cache extracted for this stage")
+            raise ValueError(
+                f"preprocess.aspect: student={preprocess.aspect!r}, cache {url} teacher "
+                f"{name!r}={aspect!r}; use the cache extracted for this stage"
+            )
     return names
 
 
@@ -179,13 +188,16 @@ def _image_tokens(cache: FeatureCache, requested: int | None) -> int:
     cls_tokens = m.teacher(m.cls_teacher).tokens if m.cls_teacher is not None else None
     if requested is None:
         if cls_tokens is None:
-            raise ValueError(f"cache {cache.location.url} has no cls teacher: pass num_image_tokens "
-                             "(the student's patch count)")
+            raise ValueError(
+                f"cache {cache.location.url} has no cls teacher: pass num_image_tokens (the student's patch count)"
+            )
         return cls_tokens
     if cls_tokens is not None and requested != cls_tokens:
-        raise ValueError(f"num_image_tokens={requested}, but the cls teacher {m.cls_teacher!r} of "
-                         f"{cache.location.url} has {cls_tokens} tokens: the student's patch grid "
-                         "must match the CLIP teacher's")
+        raise ValueError(
+            f"num_image_tokens={requested}, but the cls teacher {m.cls_teacher!r} of "
+            f"{cache.location.url} has {cls_tokens} tokens: the student's patch grid "
+            "must match the CLIP teacher's"
+        )
     return requested
 
 
@@ -231,8 +243,12 @@ class DistillDataset(torch.utils.data.Dataset):
         self._has_image = np.array([r.image_key is not None for r in kept], dtype=bool)
         self.skipped = skips.as_dict()
         if skips.total:
-            log.info("DistillDataset: kept %d of %d rows; skipped %s", len(kept), len(records),
-                     {r: s["count"] for r, s in self.skipped.items()})
+            log.info(
+                "DistillDataset: kept %d of %d rows; skipped %s",
+                len(kept),
+                len(records),
+                {r: s["count"] for r, s in self.skipped.items()},
+            )
 
     # -- construction ----------------------------------------------------------------------
     def _precheck(self, records: Sequence[ConversationRecord]) -> tuple[list[ConversationRecord], SkipLog]:
@@ -260,10 +276,12 @@ class DistillDataset(torch.utils.data.Dataset):
     def _refuse_too_long(self, rendered: list[tuple[ConversationRecord, str]], skips: SkipLog) -> set[int]:
         """Positions in ``rendered`` that ``tokenize_conversation`` refuses: byte bound first, then
         a batched token count of the pieces, and only rows over both are fully tokenised."""
-        maybe = [j for j, (rec, prompt) in enumerate(rendered) if self._spliced(rec, _byte_bound(prompt)) > self.max_length]
+        maybe = [
+            j for j, (rec, prompt) in enumerate(rendered) if self._spliced(rec, _byte_bound(prompt)) > self.max_length
+        ]
         refused: set[int] = set()
         for start in range(0, len(maybe), 1024):
-            chunk = maybe[start:start + 1024]
+            chunk = maybe[start : start + 1024]
             for j, n in zip(chunk, self._token_counts([rendered[j][1] for j in chunk])):
                 rec = rendered[j][0]
                 if self._spliced(rec, n) <= self.max_length:
@@ -289,7 +307,7 @@ class DistillDataset(torch.utils.data.Dataset):
         ids = self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
         out, k = [], 0
         for prompt, ps in zip(prompts, pieces):
-            out.append(1 + prompt.count(IMAGE_PLACEHOLDER) + sum(len(x) for x in ids[k:k + len(ps)]))
+            out.append(1 + prompt.count(IMAGE_PLACEHOLDER) + sum(len(x) for x in ids[k : k + len(ps)]))
             k += len(ps)
         return out
 
@@ -300,11 +318,13 @@ class DistillDataset(torch.utils.data.Dataset):
                 f"{len(unknown)} row(s) use image keys that cache {url} does not hold, e.g. "
                 f"{unknown[:3]}: the cache was extracted from a different pack (cache dataset "
                 f"{m.dataset_name!r}, fingerprint {m.dataset_fingerprint}); use the pack it was "
-                "built from, or extract a cache for this pack with `movekd extract`")
+                "built from, or extract a cache for this pack with `movekd extract`"
+            )
         if any_text_only and NULL_KEY not in self.cache:
             raise ValueError(
                 f"cache {url} has no committed 'no image' row ({NULL_KEY!r}) but the data has "
-                "text-only rows; finish the cache with `movekd extract` (it writes that row)")
+                "text-only rows; finish the cache with `movekd extract` (it writes that row)"
+            )
 
     # -- access --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -340,9 +360,15 @@ class DistillDataset(torch.utils.data.Dataset):
     __getitems__ = read_batch
 
     def _tokenize(self, rec: ConversationRecord) -> dict[str, torch.Tensor]:
-        return tokenize_conversation(rec.conversations, self.tokenizer, self.template,
-                                     has_image=rec.image_key is not None, max_length=self.max_length,
-                                     num_image_tokens=self.num_image_tokens, row_id=rec.row_id)
+        return tokenize_conversation(
+            rec.conversations,
+            self.tokenizer,
+            self.template,
+            has_image=rec.image_key is not None,
+            max_length=self.max_length,
+            num_image_tokens=self.num_image_tokens,
+            row_id=rec.row_id,
+        )
 
     def _pixels(self, rec: ConversationRecord) -> np.ndarray:
         if rec.image_key is None:
@@ -357,8 +383,10 @@ class DistillDataset(torch.utils.data.Dataset):
         try:
             text = self._tokenize(rec)
         except ValueError as e:
-            raise ValueError(f"{rec.where} passed the construction pre-check but failed now (was the "
-                             f"tokenizer or max_length changed after construction?): {e}") from e
+            raise ValueError(
+                f"{rec.where} passed the construction pre-check but failed now (was the "
+                f"tokenizer or max_length changed after construction?): {e}"
+            ) from e
         sample = {
             **text,
             "pixel_values": torch.from_numpy(self._pixels(rec)),
@@ -389,6 +417,13 @@ def collate_distill(samples: Sequence[Mapping[str, Any]], pad_token_id: int) -> 
 
 
 __all__ = [
-    "ConversationRecord", "DistillDataset", "SkipLog", "check_cache", "check_preprocess", "collate_distill",
-    "INVALID_CONVERSATION", "INVALID_IMAGE", "TOO_LONG",
+    "ConversationRecord",
+    "DistillDataset",
+    "SkipLog",
+    "check_cache",
+    "check_preprocess",
+    "collate_distill",
+    "INVALID_CONVERSATION",
+    "INVALID_IMAGE",
+    "TOO_LONG",
 ]

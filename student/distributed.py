@@ -42,8 +42,10 @@ class DistContext:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
         if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("world_size > 1 but no torch.distributed process group is initialised; "
-                             "the jobs layer must call init_process_group (torchrun env) first")
+            raise ValueError(
+                "world_size > 1 but no torch.distributed process group is initialised; "
+                "the jobs layer must call init_process_group (torchrun env) first"
+            )
         if self.world_size > 1 and dist.get_world_size() != self.world_size:
             raise ValueError(f"world_size={self.world_size} but the process group has {dist.get_world_size()}")
 

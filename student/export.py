@@ -37,8 +37,8 @@ from cache.manifest import diff_dicts
 from student.adapters import MLPAdapter, TokenLinearAdapter
 from student.kd_loss import KDConfig
 from student.llava import LlavaStudent, build_llava
-from student.mole import MoLEConfig, add_mole
 from student.model import DistillModel
+from student.mole import MoLEConfig, add_mole
 from student.trainable import new_module_parameter_names
 
 FORMAT, FORMAT_VERSION = "movekd-student", 1
@@ -53,8 +53,13 @@ def adapter_spec(adapter: nn.Module) -> dict:
         raise ValueError(f"cannot export adapter of type {type(adapter).__name__}")
     first = adapter.channel_proj if kind == "token_linear" else adapter.fc1
     out_tokens = adapter.token_proj.out_features if kind == "token_linear" else adapter.tokens
-    return {"kind": kind, "channels": adapter.channels, "tokens": adapter.tokens,
-            "student_dim": first.out_features, "student_tokens": out_tokens}
+    return {
+        "kind": kind,
+        "channels": adapter.channels,
+        "tokens": adapter.tokens,
+        "student_dim": first.out_features,
+        "student_tokens": out_tokens,
+    }
 
 
 def adapter_from_spec(spec: dict) -> nn.Module:
@@ -66,11 +71,15 @@ def adapter_from_spec(spec: dict) -> nn.Module:
 
 def _metadata(model: DistillModel) -> dict:
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "mole": model.mole_config.to_dict(), "kd": model.kd_config.to_dict(),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mole": model.mole_config.to_dict(),
+        "kd": model.kd_config.to_dict(),
         "projector": model.llava.projector.kind,
-        "vision_layer": model.llava.vision_layer, "num_prefix_tokens": model.llava.num_prefix_tokens,
-        "teachers": list(model.teachers), "clip_name": model.clip_name,
+        "vision_layer": model.llava.vision_layer,
+        "num_prefix_tokens": model.llava.num_prefix_tokens,
+        "teachers": list(model.teachers),
+        "clip_name": model.clip_name,
         "adapters": {name: adapter_spec(a) for name, a in model.adapters.items()},
     }
 
@@ -112,12 +121,15 @@ def _replace_dir(src: Path, dst: Path) -> None:
 def read_metadata(path) -> dict:
     meta_path = Path(path) / META
     if not meta_path.is_file():
-        raise ValueError(f"{path} is not a movekd student export (no {META}); "
-                         "create one with student.model.export_pretrained")
+        raise ValueError(
+            f"{path} is not a movekd student export (no {META}); create one with student.model.export_pretrained"
+        )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')!r} is not "
-                         f"{FORMAT!r} v{FORMAT_VERSION}; re-export it with this movekd")
+        raise ValueError(
+            f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')!r} is not "
+            f"{FORMAT!r} v{FORMAT_VERSION}; re-export it with this movekd"
+        )
     return meta
 
 
@@ -132,13 +144,20 @@ def load_pretrained(
     meta = read_metadata(path)
     with torch.random.fork_rng(devices=[]):  # the throwaway random init must not move the caller's RNG
         llava = build_llava(path / "vision", path / "llm", meta["projector"], torch_dtype, attn_implementation)
-        llava = LlavaStudent(llava.vision_tower, llava.projector, llava.llm,
-                             meta["vision_layer"], meta["num_prefix_tokens"])
+        llava = LlavaStudent(
+            llava.vision_tower, llava.projector, llava.llm, meta["vision_layer"], meta["num_prefix_tokens"]
+        )
         mole = MoLEConfig.from_dict(meta["mole"])
         add_mole(llava.vision_tower, mole, freeze_base=True)
         adapters = nn.ModuleDict({n: adapter_from_spec(s) for n, s in meta["adapters"].items()})
-    model = DistillModel(llava, adapters.to(torch_dtype or torch.float32), tuple(meta["teachers"]),
-                         meta["clip_name"], kd or KDConfig.from_dict(meta["kd"]), mole)
+    model = DistillModel(
+        llava,
+        adapters.to(torch_dtype or torch.float32),
+        tuple(meta["teachers"]),
+        meta["clip_name"],
+        kd or KDConfig.from_dict(meta["kd"]),
+        mole,
+    )
     _load_extras(model, path / WEIGHTS)
     return model.eval()
 
@@ -148,25 +167,34 @@ def _load_extras(model: DistillModel, file: Path) -> None:
     expected = new_module_parameter_names(model)
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:
-        raise ValueError(f"{file}: does not match the model it describes; missing {missing[:8]}, "
-                         f"unexpected {extra[:8]}")
+        raise ValueError(
+            f"{file}: does not match the model it describes; missing {missing[:8]}, unexpected {extra[:8]}"
+        )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
             if params[name].shape != value.shape:
-                raise ValueError(f"{file}: {name} has shape {tuple(value.shape)}, "
-                                 f"the model expects {tuple(params[name].shape)}")
+                raise ValueError(
+                    f"{file}: {name} has shape {tuple(value.shape)}, the model expects {tuple(params[name].shape)}"
+                )
             params[name].copy_(value)
 
 
 def check_compatible(model: DistillModel, cfg, expected_adapters: nn.ModuleDict, teachers) -> None:
     """Refuse ``init_from`` exports whose shapes differ from what ``cfg`` and the cache ask for."""
-    have = {"mole": model.mole_config.to_dict(), "projector": model.llava.projector.kind,
-            "adapters": {t: adapter_spec(model.adapters[t]) for t in teachers if t in model.adapters}}
-    want = {"mole": cfg.mole.to_dict(), "projector": cfg.projector,
-            "adapters": {t: adapter_spec(expected_adapters[t]) for t in teachers if t in expected_adapters}}
+    have = {
+        "mole": model.mole_config.to_dict(),
+        "projector": model.llava.projector.kind,
+        "adapters": {t: adapter_spec(model.adapters[t]) for t in teachers if t in model.adapters},
+    }
+    want = {
+        "mole": cfg.mole.to_dict(),
+        "projector": cfg.projector,
+        "adapters": {t: adapter_spec(expected_adapters[t]) for t in teachers if t in expected_adapters},
+    }
     diffs = diff_dicts(have, want)
     if diffs:
         lines = "\n".join(f"  {p}: init_from={a!r} config={b!r}" for p, a, b in diffs[:12])
-        raise ValueError(f"init_from {cfg.init_from} does not fit this config/cache; {len(diffs)} "
-                         f"field(s) differ:\n{lines}")
+        raise ValueError(
+            f"init_from {cfg.init_from} does not fit this config/cache; {len(diffs)} field(s) differ:\n{lines}"
+        )

@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -60,11 +61,13 @@ class KDConfig:
 
     def __post_init__(self) -> None:
         if self.token_weighting not in TOKEN_WEIGHTINGS:
-            raise ValueError(f"KDConfig.token_weighting must be one of {TOKEN_WEIGHTINGS}, "
-                             f"got {self.token_weighting!r}")
+            raise ValueError(
+                f"KDConfig.token_weighting must be one of {TOKEN_WEIGHTINGS}, got {self.token_weighting!r}"
+            )
         if self.teacher_weighting not in TEACHER_WEIGHTINGS:
-            raise ValueError(f"KDConfig.teacher_weighting must be one of {TEACHER_WEIGHTINGS}, "
-                             f"got {self.teacher_weighting!r}")
+            raise ValueError(
+                f"KDConfig.teacher_weighting must be one of {TEACHER_WEIGHTINGS}, got {self.teacher_weighting!r}"
+            )
         if not 0.0 <= self.clip_weight <= 1.0:
             raise ValueError(f"KDConfig.clip_weight must be in [0, 1], got {self.clip_weight}")
         if self.kd_weight < 0:
@@ -74,7 +77,7 @@ class KDConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "KDConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> KDConfig:
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"KDConfig: unknown field(s) {unknown}")
@@ -92,8 +95,10 @@ def _validate(student, teachers, cls_attn, cls_state, cfg) -> None:
         raise ValueError("kd_loss needs at least one teacher")
     for name, t in teachers.items():
         if t.shape != student.shape:
-            raise ValueError(f"teacher {name!r} tokens {tuple(t.shape)} do not match the student's "
-                             f"{tuple(student.shape)} (adapt them first)")
+            raise ValueError(
+                f"teacher {name!r} tokens {tuple(t.shape)} do not match the student's "
+                f"{tuple(student.shape)} (adapt them first)"
+            )
     b, n, d = student.shape
     if cfg.token_weighting == "attention":
         if cls_attn is None or tuple(cls_attn.shape) != (b, n):
@@ -102,8 +107,9 @@ def _validate(student, teachers, cls_attn, cls_state, cfg) -> None:
     if cfg.teacher_weighting in ("released", "paper"):
         if cls_state is None or tuple(cls_state.shape) != (b, d):
             got = None if cls_state is None else tuple(cls_state.shape)
-            raise ValueError(f"teacher_weighting={cfg.teacher_weighting!r} needs cls_state of shape "
-                             f"{(b, d)}, got {got}")
+            raise ValueError(
+                f"teacher_weighting={cfg.teacher_weighting!r} needs cls_state of shape {(b, d)}, got {got}"
+            )
 
 
 def token_weights(cls_attn: torch.Tensor | None, batch: int, tokens: int, cfg: KDConfig, dtype) -> torch.Tensor:
@@ -132,8 +138,10 @@ def _released_weights(scores, names, clip_name, cfg) -> tuple[torch.Tensor, torc
     flattened = (w.mean(dim=0).max() > cfg.flatten_threshold).to(scores.dtype)
     w = torch.where(flattened.bool(), (w + cfg.flatten_bonus).softmax(dim=-1), w)
     it = iter(w.unbind(dim=1))
-    cols = [scores.new_full((batch,), cfg.clip_weight) if n == clip_name else (1.0 - cfg.clip_weight) * next(it)
-            for n in names]
+    cols = [
+        scores.new_full((batch,), cfg.clip_weight) if n == clip_name else (1.0 - cfg.clip_weight) * next(it)
+        for n in names
+    ]
     return torch.stack(cols, dim=1), flattened
 
 

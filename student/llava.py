@@ -190,10 +190,7 @@ def _check_sentinels(positions: list[int], has_image: bool, length: int, row: in
     if any(p >= length for p in positions):
         raise ValueError(f"batch row {row}: image sentinel inside the padding")
     if has_image and len(positions) != 1:
-        raise ValueError(
-            f"batch row {row}: has_image=True needs exactly one image sentinel, "
-            f"found {len(positions)}"
-        )
+        raise ValueError(f"batch row {row}: has_image=True needs exactly one image sentinel, found {len(positions)}")
     if not has_image and positions:
         raise ValueError(f"batch row {row}: has_image=False but the text holds an image sentinel")
 

@@ -14,8 +14,8 @@ Decisions:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 
@@ -36,8 +36,11 @@ class JsonlLogger:
         """Drop records of steps after ``step`` (work lost to an interruption, redone on resume)."""
         if not (self.enabled and self.path.is_file()):
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def reset(self) -> None:
@@ -54,8 +57,9 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def reduce_metrics(ctx: DistContext, means: Mapping[str, torch.Tensor | float],
-                   sums: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
+def reduce_metrics(
+    ctx: DistContext, means: Mapping[str, torch.Tensor | float], sums: Mapping[str, torch.Tensor | float]
+) -> dict[str, float]:
     """Rank-mean of ``means`` (floats) and rank-sum of ``sums`` (integer counts), with a single
     collective and host sync."""
     keys_m, keys_s = list(means), list(sums)

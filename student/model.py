@@ -22,7 +22,8 @@ Decisions:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,15 +67,22 @@ class DistillModel(nn.Module):
         if pixels is None or batch.get("labels") is None:
             raise ValueError("a distillation batch needs 'pixel_values' and 'labels' (text-only rows: zero pixels)")
         out = self.llava(
-            input_ids=batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
-            pixel_values=pixels, has_image=batch.get("has_image"),
+            input_ids=batch["input_ids"],
+            labels=batch["labels"],
+            attention_mask=batch.get("attention_mask"),
+            pixel_values=pixels,
+            has_image=batch.get("has_image"),
         )
         balance = mole_balance_loss(self.vision_tower) if mole_modules(self.vision_tower) else None
         kd_out = None
         if self.teachers:
             kd_out = kd_loss(
-                out["patch_tokens"], self.adapted_targets(batch), batch.get("cls_attn"), batch.get("cls_state"),
-                self.kd_config, self.clip_name,
+                out["patch_tokens"],
+                self.adapted_targets(batch),
+                batch.get("cls_attn"),
+                batch.get("cls_state"),
+                self.kd_config,
+                self.clip_name,
             )
         return total_loss(out["loss"], balance, kd_out, self.kd_config, self.mole_config.balance_weight)
 
@@ -105,8 +113,10 @@ def resolve_teachers(cfg: TrainConfig, manifest: CacheManifest) -> tuple[str, ..
 
 def _check_cls_needs(kd: KDConfig, manifest: CacheManifest) -> None:
     if manifest.cls_teacher is None and (kd.token_weighting == "attention" or kd.teacher_weighting != "fixed"):
-        raise ValueError("this cache has no cls_teacher (no CLS attention/state stored): use "
-                         "KDConfig(token_weighting='uniform', teacher_weighting='fixed')")
+        raise ValueError(
+            "this cache has no cls_teacher (no CLS attention/state stored): use "
+            "KDConfig(token_weighting='uniform', teacher_weighting='fixed')"
+        )
 
 
 def student_geometry(llava: LlavaStudent) -> tuple[int, int]:
@@ -119,9 +129,7 @@ def _attn(cfg: TrainConfig, dtype: torch.dtype | None) -> str:
     return cfg.attn_implementation or default_attn_implementation(dtype)
 
 
-def build_student(
-    cfg: TrainConfig, manifest: CacheManifest, compute_dtype: torch.dtype | None = None
-) -> DistillModel:
+def build_student(cfg: TrainConfig, manifest: CacheManifest, compute_dtype: torch.dtype | None = None) -> DistillModel:
     """Assemble the student for ``cfg`` against a cache, fp32 weights, trainable set per stage.
 
     ``compute_dtype`` (the autocast dtype, e.g. bf16 on CUDA) only picks the attention kernel.

@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ class MoLEConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MoLEConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> MoLEConfig:
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"MoLEConfig: unknown field(s) {unknown}")
@@ -122,7 +123,7 @@ class RoutedLoRA(nn.Module):
     def reset_parameters(self, init: str) -> None:
         r = self.rank
         for e in range(self.num_experts):  # per-expert views so fan_in is the expert's own
-            a, b = self.A[e * r:(e + 1) * r], self.B[:, e * r:(e + 1) * r]
+            a, b = self.A[e * r : (e + 1) * r], self.B[:, e * r : (e + 1) * r]
             if init == "released":
                 nn.init.kaiming_uniform_(a, nonlinearity="relu")
                 nn.init.kaiming_uniform_(b, nonlinearity="relu")
@@ -151,8 +152,10 @@ class MoLEMLP(nn.Module):
         if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)):
             raise ValueError(f"layer {layer_index}: mlp has no fc1/fc2 nn.Linear (got {type(mlp).__name__})")
         if fc1.out_features != fc2.in_features or fc1.in_features != fc2.out_features:
-            raise ValueError(f"layer {layer_index}: fc1 {tuple(fc1.weight.shape)} and fc2 "
-                             f"{tuple(fc2.weight.shape)} do not form a hidden->inter->hidden MLP")
+            raise ValueError(
+                f"layer {layer_index}: fc1 {tuple(fc1.weight.shape)} and fc2 "
+                f"{tuple(fc2.weight.shape)} do not form a hidden->inter->hidden MLP"
+            )
         factory = {"device": fc1.weight.device, "dtype": fc1.weight.dtype}
         self.cfg, self.layer_index = cfg, layer_index
         self.fc1, self.fc2, self.activation_fn = fc1, fc2, mlp.activation_fn
@@ -188,8 +191,10 @@ def _encoder_layers(model: nn.Module) -> nn.ModuleList:
         layers = getattr(getattr(owner, "encoder", None), "layers", None)
         if isinstance(layers, nn.ModuleList):
             return layers
-    raise ValueError(f"{type(model).__name__} is not an HF CLIP vision model: "
-                     "found neither .encoder.layers nor .vision_model.encoder.layers")
+    raise ValueError(
+        f"{type(model).__name__} is not an HF CLIP vision model: "
+        "found neither .encoder.layers nor .vision_model.encoder.layers"
+    )
 
 
 def _clear_stats_hook(module: nn.Module, args: Any) -> None:
@@ -257,7 +262,4 @@ def mole_routing_stats(model: nn.Module) -> dict[str, float]:
     """
     mods = _recorded(model)
     fracs = torch.stack([m.last_stats[1].mean(dim=0) for m in mods]).tolist()  # [L, E]
-    return {
-        f"mole/layer{m.layer_index:02d}/expert{e}": v
-        for m, row in zip(mods, fracs) for e, v in enumerate(row)
-    }
+    return {f"mole/layer{m.layer_index:02d}/expert{e}": v for m, row in zip(mods, fracs) for e, v in enumerate(row)}

@@ -57,21 +57,23 @@ def split_to_even_chunks(indices: list[int], lengths: Sequence[int], num_chunks:
     return chunks
 
 
-def length_grouped_indices(lengths: Sequence[int], batch_size: int, world_size: int,
-                           generator: torch.Generator) -> list[int]:
+def length_grouped_indices(
+    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator
+) -> list[int]:
     """LLaVA's ``get_length_grouped_indices`` (positions into ``lengths``)."""
     perm = torch.randperm(len(lengths), generator=generator).tolist()
     size = world_size * batch_size
     out: list[int] = []
     for start in range(0, len(perm), size):
-        mega = sorted(perm[start:start + size], key=lambda i: lengths[i], reverse=True)
+        mega = sorted(perm[start : start + size], key=lambda i: lengths[i], reverse=True)
         for chunk in split_to_even_chunks(mega, lengths, world_size):
             out += chunk
     return out
 
 
-def modality_length_grouped_indices(lengths: Sequence[int], has_image: Sequence[bool], batch_size: int,
-                                    world_size: int, generator: torch.Generator) -> list[int]:
+def modality_length_grouped_indices(
+    lengths: Sequence[int], has_image: Sequence[bool], batch_size: int, world_size: int, generator: torch.Generator
+) -> list[int]:
     """LLaVA's ``get_modality_length_grouped_indices``: image and text-only rows in separate
     megabatches, except one final megabatch holding both leftovers."""
     mm = [i for i, h in enumerate(has_image) if h]
@@ -83,7 +85,7 @@ def modality_length_grouped_indices(lengths: Sequence[int], has_image: Sequence[
     for group in (mm, lang):
         order = length_grouped_indices([lengths[i] for i in group], batch_size, world_size, generator)
         shuffled = [group[i] for i in order]
-        parts = [shuffled[i:i + size] for i in range(0, len(shuffled), size)]
+        parts = [shuffled[i : i + size] for i in range(0, len(shuffled), size)]
         megabatches += parts[:-1]
         leftover += parts[-1]
     perm = torch.randperm(len(megabatches), generator=generator).tolist()
@@ -94,14 +96,25 @@ def modality_length_grouped_indices(lengths: Sequence[int], has_image: Sequence[
 class DistributedLengthGroupedSampler(Sampler[int]):
     """This rank's indices for one epoch, starting at the cursor (see the module docstring)."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, modalities: Sequence[bool] | None = None,
-                 grouping: str = "none", world_size: int = 1, rank: int = 0, seed: int = 0,
-                 drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        modalities: Sequence[bool] | None = None,
+        grouping: str = "none",
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
         _check_args(len(lengths), batch_size, grouping, world_size, rank)
         if grouping == "modality_length":
             if modalities is None or len(modalities) != len(lengths):
-                raise ValueError("grouping='modality_length' needs modalities (has_image per row) "
-                                 f"of the same length as lengths ({len(lengths)})")
+                raise ValueError(
+                    "grouping='modality_length' needs modalities (has_image per row) "
+                    f"of the same length as lengths ({len(lengths)})"
+                )
         self.lengths = [int(n) for n in lengths]
         self.modalities = None if modalities is None else [bool(m) for m in modalities]
         self.batch_size, self.grouping, self.seed, self.drop_last = batch_size, grouping, seed, drop_last
@@ -109,14 +122,15 @@ class DistributedLengthGroupedSampler(Sampler[int]):
         mega = world_size * batch_size
         total = (len(lengths) // mega if drop_last else math.ceil(len(lengths) / mega)) * mega
         if total == 0:
-            raise ValueError(f"drop_last with {len(lengths)} rows leaves nothing: a step needs "
-                             f"world_size * batch_size = {mega} rows")
+            raise ValueError(
+                f"drop_last with {len(lengths)} rows leaves nothing: a step needs world_size * batch_size = {mega} rows"
+            )
         self._total = total
         self.epoch, self.cursor = 0, 0
         self._order: tuple[int, np.ndarray] | None = None
 
     @classmethod
-    def from_dataset(cls, dataset, batch_size: int, **kwargs) -> "DistributedLengthGroupedSampler":
+    def from_dataset(cls, dataset, batch_size: int, **kwargs) -> DistributedLengthGroupedSampler:
         """Build from anything with ``lengths()`` and ``modalities()`` (``DistillDataset``)."""
         return cls(dataset.lengths(), batch_size, modalities=dataset.modalities(), **kwargs)
 
@@ -145,15 +159,15 @@ class DistributedLengthGroupedSampler(Sampler[int]):
         return self._order[1]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.rank_order()[self.cursor:].tolist())
+        return iter(self.rank_order()[self.cursor :].tolist())
 
     def __len__(self) -> int:
         return self.num_samples - self.cursor
 
     def iter_batches(self) -> Iterator[list[int]]:
         """This rank's remaining indices in lists of ``batch_size`` (for ``read_batch`` loops)."""
-        rest = self.rank_order()[self.cursor:].tolist()
-        return iter([rest[i:i + self.batch_size] for i in range(0, len(rest), self.batch_size)])
+        rest = self.rank_order()[self.cursor :].tolist()
+        return iter([rest[i : i + self.batch_size] for i in range(0, len(rest), self.batch_size)])
 
     # -- state -----------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -166,8 +180,10 @@ class DistributedLengthGroupedSampler(Sampler[int]):
     def advance(self, n: int) -> None:
         """Mark ``n`` more samples of this epoch as consumed (call once per trained batch)."""
         if n < 0 or self.cursor + n > self.num_samples:
-            raise ValueError(f"advance({n}) from cursor {self.cursor} passes the end of the epoch "
-                             f"({self.num_samples} samples per rank); call set_epoch(epoch + 1) first")
+            raise ValueError(
+                f"advance({n}) from cursor {self.cursor} passes the end of the epoch "
+                f"({self.num_samples} samples per rank); call set_epoch(epoch + 1) first"
+            )
         self.cursor += n
 
     def state_dict(self) -> dict[str, Any]:
@@ -178,17 +194,26 @@ class DistributedLengthGroupedSampler(Sampler[int]):
         mine = self._identity()
         diffs = [f"{k}: saved={state.get(k)!r}, now={mine[k]!r}" for k in _STATE_CHECKED if state.get(k) != mine[k]]
         if diffs:
-            raise ValueError("sampler state was saved with a different configuration, so its cursor "
-                             "would not point at the same samples: " + "; ".join(diffs) +
-                             ". Resume with the saved settings (or start a new epoch deliberately).")
+            raise ValueError(
+                "sampler state was saved with a different configuration, so its cursor "
+                "would not point at the same samples: "
+                + "; ".join(diffs)
+                + ". Resume with the saved settings (or start a new epoch deliberately)."
+            )
         cursor = int(state["cursor"])
         if not 0 <= cursor <= self.num_samples:
             raise ValueError(f"sampler state cursor {cursor} outside 0..{self.num_samples}")
         self.epoch, self.cursor = int(state["epoch"]), cursor
 
     def _identity(self) -> dict[str, Any]:
-        return {"seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size,
-                "grouping": self.grouping, "drop_last": self.drop_last, "dataset_size": len(self.lengths)}
+        return {
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "grouping": self.grouping,
+            "drop_last": self.drop_last,
+            "dataset_size": len(self.lengths),
+        }
 
 
 def _check_args(n: int, batch_size: int, grouping: str, world_size: int, rank: int) -> None:
@@ -202,5 +227,10 @@ def _check_args(n: int, batch_size: int, grouping: str, world_size: int, rank: i
         raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
 
 
-__all__ = ["DistributedLengthGroupedSampler", "GROUPINGS", "length_grouped_indices",
-           "modality_length_grouped_indices", "split_to_even_chunks"]
+__all__ = [
+    "DistributedLengthGroupedSampler",
+    "GROUPINGS",
+    "length_grouped_indices",
+    "modality_length_grouped_indices",
+    "split_to_even_chunks",
+]

@@ -54,9 +54,7 @@ class TinyParts:
     vision: Path
 
 
-def make_tiny_tokenizer(
-    out_dir: str | Path, vocab_size: int = 512, extra_text: tuple[str, ...] = ()
-) -> Path:
+def make_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 512, extra_text: tuple[str, ...] = ()) -> Path:
     """Train a byte-level BPE tokenizer, save it as a ``PreTrainedTokenizerFast``, return the dir.
 
     Load it back with ``AutoTokenizer.from_pretrained(dir)``.

@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import Mapping
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -72,8 +72,10 @@ class SamplerPosition:
         if not self.native:
             return
         if state is None:
-            raise ValueError("the checkpoint holds no sampler state, but this sampler keeps one "
-                             "(it was written with a different kind of sampler)")
+            raise ValueError(
+                "the checkpoint holds no sampler state, but this sampler keeps one "
+                "(it was written with a different kind of sampler)"
+            )
         self.sampler.load_state_dict(state)
         self._check(epoch, cursor)
 
@@ -100,16 +102,24 @@ class SamplerPosition:
     def _check(self, epoch: int, cursor: int) -> None:
         st = self.sampler.state_dict()
         if (st["epoch"], st["cursor"]) != (epoch, cursor):
-            raise ValueError(f"sampler is at (epoch {st['epoch']}, cursor {st['cursor']}) but the trainer "
-                             f"at (epoch {epoch}, cursor {cursor}); hand the trainer a fresh sampler")
+            raise ValueError(
+                f"sampler is at (epoch {st['epoch']}, cursor {st['cursor']}) but the trainer "
+                f"at (epoch {epoch}, cursor {cursor}); hand the trainer a fresh sampler"
+            )
 
 
-def make_loader(dataset, sampler, collate_fn, batch_size: int, epoch: int, *,
-                num_workers: int, seed: int, pin_memory: bool) -> DataLoader:
+def make_loader(
+    dataset, sampler, collate_fn, batch_size: int, epoch: int, *, num_workers: int, seed: int, pin_memory: bool
+) -> DataLoader:
     """Loader over ``sampler`` (from ``SamplerPosition.epoch_sampler``) for epoch ``epoch``."""
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
-        num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=False,
         generator=torch.Generator().manual_seed(seed * 1000 + epoch),
     )
 
@@ -150,8 +160,9 @@ def accumulate_window(module, batches: Iterator, window: int, device, bf16: bool
     for i in range(window):
         batch = next(batches, None)
         if batch is None:
-            raise ValueError(f"the loader ran out after {i} of {window} micro-batches "
-                             "(does len(sampler) match what it yields?)")
+            raise ValueError(
+                f"the loader ran out after {i} of {window} micro-batches (does len(sampler) match what it yields?)"
+            )
         batch = to_device(batch, device)
         for k, v in batch_counts(batch, image_tokens).items():
             counts[k] += v

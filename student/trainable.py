@@ -23,7 +23,7 @@ against autograd (every live parameter gets a gradient, every dead one none).
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -87,7 +87,7 @@ def parameter_categories(model: nn.Module) -> dict[str, str]:
 
 def _category(name: str, first_unread: int, mole_layers: set[int]) -> str:
     if name.startswith(VISION):
-        rel = name[len(VISION):]
+        rel = name[len(VISION) :]
         if _is_dead_vision(rel, first_unread, mole_layers):
             return "dead"
         return "mole" if _MOLE_PART.search(rel) else "vision_base"
@@ -122,10 +122,13 @@ def new_module_parameter_names(model: nn.Module) -> set[str]:
     """Parameters that do not come from the pretrained CLIP/LLM files (MoLE, projector, adapters):
     always saved in checkpoints and exports, whether trainable or not."""
     mole_prefixes = tuple(
-        f"{VISION}{n}.{part}." for n, m in model.llava.vision_tower.named_modules() if isinstance(m, MoLEMLP)
+        f"{VISION}{n}.{part}."
+        for n, m in model.llava.vision_tower.named_modules()
+        if isinstance(m, MoLEMLP)
         for part in ("router", "lora_fc1", "lora_fc2")
     )
     return {
-        name for name, _ in model.named_parameters()
+        name
+        for name, _ in model.named_parameters()
         if name.startswith((PROJECTOR, ADAPTERS)) or name.startswith(mole_prefixes)
     }

@@ -37,7 +37,13 @@ import torch
 from tqdm.auto import tqdm
 
 from student.checkpoint import (
-    TrainState, clean_partial, complete_checkpoints, find_latest, fingerprint, load_checkpoint, read_trainer_state,
+    TrainState,
+    clean_partial,
+    complete_checkpoints,
+    find_latest,
+    fingerprint,
+    load_checkpoint,
+    read_trainer_state,
     save_checkpoint,
 )
 from student.config import TrainConfig
@@ -63,8 +69,18 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Training loop for one rank. ``model`` is an unwrapped ``DistillModel`` (any device)."""
 
-    def __init__(self, cfg: TrainConfig, model: DistillModel, dataset, collate_fn, sampler, *,
-                 rank: int = 0, world_size: int = 1, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: DistillModel,
+        dataset,
+        collate_fn,
+        sampler,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.cfg, self.ctx = cfg, DistContext(rank, world_size, torch.device(device or "cpu"))
         self.bf16 = resolve_bf16(cfg, self.ctx.device)
         self.model = model.to(self.ctx.device)
@@ -90,8 +106,13 @@ class Trainer:
         """Train to ``total_steps`` (or stop after step ``stop_after``, with a checkpoint)."""
         self._start(resume)
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"train {self.cfg.stage}",
-                   disable=not (self.cfg.progress_bar and self.ctx.is_main), dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            desc=f"train {self.cfg.stage}",
+            disable=not (self.cfg.progress_bar and self.ctx.is_main),
+            dynamic_ncols=True,
+        )
         try:
             self._run(bar, stop_after)
         finally:
@@ -103,9 +124,18 @@ class Trainer:
         return self.state
 
     def save(self) -> Path:
-        path = save_checkpoint(self.out, self.state, self.model, self.optimizer, self.scheduler, self.fingerprint,
-                               self.cfg, rank=self.ctx.rank, barrier=self.ctx.barrier,
-                               sampler_state=self.position.state())
+        path = save_checkpoint(
+            self.out,
+            self.state,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.fingerprint,
+            self.cfg,
+            rank=self.ctx.rank,
+            barrier=self.ctx.barrier,
+            sampler_state=self.position.state(),
+        )
         self.last_saved = self.state.step
         return path
 
@@ -118,15 +148,18 @@ class Trainer:
         latest = find_latest(self.out) if resume else None
         if latest is None:
             if complete_checkpoints(self.out):
-                raise ValueError(f"{self.out} already holds checkpoints: pass resume=True to continue that run, "
-                                 "or choose a new output_dir")
+                raise ValueError(
+                    f"{self.out} already holds checkpoints: pass resume=True to continue that run, "
+                    "or choose a new output_dir"
+                )
             seed_everything(self.cfg.seed + self.ctx.rank)
             self.position.reset()
             self.logger.reset()
             self.state, self.last_saved = TrainState(), None
             return
-        self.state = load_checkpoint(latest, self.model, self.optimizer, self.scheduler, self.fingerprint,
-                                     rank=self.ctx.rank)
+        self.state = load_checkpoint(
+            latest, self.model, self.optimizer, self.scheduler, self.fingerprint, rank=self.ctx.rank
+        )
         self.position.restore(read_trainer_state(latest).get("sampler"), self.state.epoch, self.state.cursor)
         self.last_saved = self.state.step
         self.logger.truncate_after(self.state.step)
@@ -137,9 +170,16 @@ class Trainer:
             epoch, cursor = self.state.epoch, self.state.cursor
             if cursor % cfg.batch_size:
                 raise ValueError(f"resume cursor {cursor} is not a multiple of batch_size {cfg.batch_size}")
-            loader = make_loader(self.dataset, self.position.epoch_sampler(epoch, cursor), self.collate_fn,
-                                 cfg.batch_size, epoch, num_workers=cfg.num_workers, seed=cfg.seed,
-                                 pin_memory=self.ctx.device.type == "cuda")
+            loader = make_loader(
+                self.dataset,
+                self.position.epoch_sampler(epoch, cursor),
+                self.collate_fn,
+                cfg.batch_size,
+                epoch,
+                num_workers=cfg.num_workers,
+                seed=cfg.seed,
+                pin_memory=self.ctx.device.type == "cuda",
+            )
             batches, remaining = iter(loader), self.batches_per_epoch - cursor // cfg.batch_size
             timer = StepTimer(self.ctx.device)
             while remaining > 0 and self.state.step < self.total_steps:
@@ -148,23 +188,31 @@ class Trainer:
                 remaining -= window
                 self.position.advance(samples, remaining == 0, epoch + 1)
                 s = self.state
-                self.state = (TrainState(s.step + 1, epoch + 1, 0) if remaining == 0
-                              else TrainState(s.step + 1, epoch, s.cursor + samples))
+                self.state = (
+                    TrainState(s.step + 1, epoch + 1, 0)
+                    if remaining == 0
+                    else TrainState(s.step + 1, epoch, s.cursor + samples)
+                )
                 self._after_step(record, bar)
                 if stop_after is not None and self.state.step >= stop_after:
                     return
             del batches, loader
 
     def _step(self, batches, window: int, timer: StepTimer) -> tuple[dict, int]:
-        parts, counts = accumulate_window(self.module, batches, window, self.ctx.device, self.bf16,
-                                          self.image_tokens)
+        parts, counts = accumulate_window(self.module, batches, window, self.ctx.device, self.bf16, self.image_tokens)
         norm, lr = optimizer_step(self.optimizer, self.scheduler, self.params, self.cfg.max_grad_norm)
         elapsed = timer.lap()
         means = {**parts, **self.model.routing_stats(), "grad_norm": norm}
         reduced = reduce_metrics(self.ctx, means, counts)
-        record = {"step": self.state.step + 1, "epoch": self.state.epoch, "lr": lr, **reduced,
-                  "tokens_per_s": reduced["tokens"] / elapsed, "images_per_s": reduced["images"] / elapsed,
-                  "step_time_s": elapsed}
+        record = {
+            "step": self.state.step + 1,
+            "epoch": self.state.epoch,
+            "lr": lr,
+            **reduced,
+            "tokens_per_s": reduced["tokens"] / elapsed,
+            "images_per_s": reduced["images"] / elapsed,
+            "step_time_s": elapsed,
+        }
         return record, counts["samples"]
 
     def _after_step(self, record: dict, bar) -> None:

@@ -24,8 +24,9 @@ def test_extract_presets_resolve(name):
 
 
 def test_overrides_and_missing_fields():
-    data = load_yaml_config("movekd_v1_0_pretrain", dict([parse_override("teachers.1.resolution=448"),
-                                                          parse_override("batch_size=4")]))
+    data = load_yaml_config(
+        "movekd_v1_0_pretrain", dict([parse_override("teachers.1.resolution=448"), parse_override("batch_size=4")])
+    )
     assert data["teachers"][1]["resolution"] == 448 and data["batch_size"] == 4
     with pytest.raises(ValueError, match=r"missing \['out', 'packed'\]"):
         ExtractConfig.from_dict(load_yaml_config("movekd_v1_0_pretrain"))
@@ -41,7 +42,23 @@ def test_base_chain_loop_is_reported(tmp_path):
 
 
 def test_cli_print_config():
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "extract", "--config", "movekd_v1_1_finetune",
-                          "--packed", "/p", "--out", "/o", "--print-config"], cwd=ROOT, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "extract",
+            "--config",
+            "movekd_v1_1_finetune",
+            "--packed",
+            "/p",
+            "--out",
+            "/o",
+            "--print-config",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(out.stdout)["dataset_name"] == "LLaVA-665K"

@@ -27,9 +27,13 @@ from student.data import DistillDataset
 from student.tiny import make_tiny_tokenizer
 from tests.cache import synth
 
-PHOTOS = {"a/astronaut.jpg": ("astronaut.png", "JPEG"), "a/chelsea.png": ("chelsea.png", "PNG"),
-          "b/coffee.jpg": ("coffee.png", "JPEG"), "b/camera.jpg": ("camera.png", "JPEG"),
-          "b/rocket.jpg": ("rocket.jpg", "JPEG")}
+PHOTOS = {
+    "a/astronaut.jpg": ("astronaut.png", "JPEG"),
+    "a/chelsea.png": ("chelsea.png", "PNG"),
+    "b/coffee.jpg": ("coffee.png", "JPEG"),
+    "b/camera.jpg": ("camera.png", "JPEG"),
+    "b/rocket.jpg": ("rocket.jpg", "JPEG"),
+}
 
 
 def _encode(name: str, fmt: str) -> bytes:
@@ -41,17 +45,26 @@ def _encode(name: str, fmt: str) -> bytes:
 
 
 def _row(rid, image=None, q="Describe the image.", a="A photo."):
-    row = {"id": rid, "conversations": [{"from": "human", "value": ("<image>\n" if image else "") + q},
-                                        {"from": "gpt", "value": a}]}
+    row = {
+        "id": rid,
+        "conversations": [{"from": "human", "value": ("<image>\n" if image else "") + q}, {"from": "gpt", "value": a}],
+    }
     if image is not None:
         row["image"] = image
     return row
 
 
-ROWS = [_row("r0", "a/astronaut.jpg"), _row("r1", "a/chelsea.png", a="A cat."), _row("t0", q="Hi?", a="Hello."),
-        _row("r2", "a/astronaut.jpg", q="Who is it?", a="An astronaut."), _row("r3", "b/astro_copy.jpg"),
-        _row("r4", "b/missing.jpg"), _row("r5", "b/coffee.jpg"), _row("r6", "b/camera.jpg"),
-        _row("r7", "./b/rocket.jpg")]
+ROWS = [
+    _row("r0", "a/astronaut.jpg"),
+    _row("r1", "a/chelsea.png", a="A cat."),
+    _row("t0", q="Hi?", a="Hello."),
+    _row("r2", "a/astronaut.jpg", q="Who is it?", a="An astronaut."),
+    _row("r3", "b/astro_copy.jpg"),
+    _row("r4", "b/missing.jpg"),
+    _row("r5", "b/coffee.jpg"),
+    _row("r6", "b/camera.jpg"),
+    _row("r7", "./b/rocket.jpg"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +149,23 @@ def test_records_refuse_an_edited_json(packed, tmp_path):
 
 def _cache_for_pack(path: str, pd: PackedDataset) -> None:
     clip = synth.make_teacher("clip", (4, 4), 8, "bf16", 56, has_cls=True)
-    m = CacheManifest(teachers=[clip], num_shards=1, shard_size=8, dataset_fingerprint=pd.fingerprint,
-                      dataset_name=pd.name, cls_teacher="clip")
+    m = CacheManifest(
+        teachers=[clip],
+        num_shards=1,
+        shard_size=8,
+        dataset_fingerprint=pd.fingerprint,
+        dataset_name=pd.name,
+        cls_teacher="clip",
+    )
     writer = CacheWriter.create(path, m)
     rng = np.random.default_rng(0)
     for shard, keys in ((0, list(pd.keys.astype(str))), (1, None)):
         n = len(keys) if keys else 1
-        args = ({"clip": rng.standard_normal((n, 16, 8)).astype(np.float32)},
-                rng.standard_normal((n, 8)).astype(np.float32), np.full((n, 16), 1 / 16, np.float32))
+        args = (
+            {"clip": rng.standard_normal((n, 16, 8)).astype(np.float32)},
+            rng.standard_normal((n, 8)).astype(np.float32),
+            np.full((n, 16), 1 / 16, np.float32),
+        )
         writer.write_shard(shard, keys, *args) if keys else writer.write_null(*args)
 
 
@@ -154,8 +176,9 @@ def test_glue_feeds_a_distill_dataset(packed, tmp_path):
     check_pack_matches_cache(packed["out"], cache)
     tok = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path / "tok"))
     recs = records_from_packed(packed["out"], packed["json"])
-    ds = DistillDataset(recs, PackedImageSource(packed["out"]), cache, tok, preprocess=PreprocessSpec(56),
-                        max_length=256)
+    ds = DistillDataset(
+        recs, PackedImageSource(packed["out"]), cache, tok, preprocess=PreprocessSpec(56), max_length=256
+    )
     assert len(ds) == len(recs) and ds.modalities().count(False) == 1
     s = ds[0]
     assert s["pixel_values"].shape == (3, 56, 56) and s["targets"]["clip"].shape == (16, 8)

@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,10 +73,14 @@ class TeacherSpec:
         checks = [
             (self.aspect in ASPECT_MODES, f"aspect must be one of {ASPECT_MODES}, got {self.aspect!r}"),
             (self.resample in RESAMPLE_MODES, f"resample must be one of {RESAMPLE_MODES}, got {self.resample!r}"),
-            (self.compute_dtype in COMPUTE_DTYPES,
-             f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}"),
-            (len(self.resample_grid) == 2 and min(self.resample_grid) > 0,
-             f"resample_grid must be two positive ints, got {self.resample_grid}"),
+            (
+                self.compute_dtype in COMPUTE_DTYPES,
+                f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}",
+            ),
+            (
+                len(self.resample_grid) == 2 and min(self.resample_grid) > 0,
+                f"resample_grid must be two positive ints, got {self.resample_grid}",
+            ),
             (self.resolution is None or int(self.resolution) > 0, f"resolution must be > 0, got {self.resolution}"),
             (self.layer is None or isinstance(self.layer, int), f"layer must be an int or None, got {self.layer!r}"),
         ]
@@ -94,7 +99,7 @@ class TeacherSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TeacherSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> TeacherSpec:
         if not isinstance(d, Mapping):
             raise ValueError(f"a teacher spec must be a mapping, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -130,9 +135,16 @@ class NativeOutput:
 class Teacher:
     """A frozen encoder behind the common API. Subclasses implement ``_forward``."""
 
-    def __init__(self, spec: TeacherSpec, model: torch.nn.Module, device: torch.device | str,
-                 preprocess_spec: PreprocessSpec, layer: str, has_cls: bool = False,
-                 arch_info: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        spec: TeacherSpec,
+        model: torch.nn.Module,
+        device: torch.device | str,
+        preprocess_spec: PreprocessSpec,
+        layer: str,
+        has_cls: bool = False,
+        arch_info: Mapping[str, Any] | None = None,
+    ):
         self.spec = spec
         self.device = torch.device(device)
         self.preprocess_spec = preprocess_spec
@@ -179,11 +191,20 @@ class Teacher:
     def manifest_entry(self, codec: str) -> TeacherEntry:
         resampled = self.spec.resample != "none"
         return TeacherEntry(
-            name=self.spec.name, family=self.spec.family, source=self.spec.source,
-            weights_fingerprint=self.weights_fingerprint, layer=self.layer, tokens=self.tokens,
-            grid=self.grid, channels=self.channels, compute_dtype=str(self.dtype).removeprefix("torch."),
-            preprocess=self.preprocess_spec, codec=codec, resample=self.spec.resample,
-            native_grid=self.native_grid if resampled else None, has_cls=self.has_cls,
+            name=self.spec.name,
+            family=self.spec.family,
+            source=self.spec.source,
+            weights_fingerprint=self.weights_fingerprint,
+            layer=self.layer,
+            tokens=self.tokens,
+            grid=self.grid,
+            channels=self.channels,
+            compute_dtype=str(self.dtype).removeprefix("torch."),
+            preprocess=self.preprocess_spec,
+            codec=codec,
+            resample=self.spec.resample,
+            native_grid=self.native_grid if resampled else None,
+            has_cls=self.has_cls,
         )
 
     # -- internals -----------------------------------------------------------------------
@@ -198,7 +219,8 @@ class Teacher:
         if tokens.ndim != 3 or tokens.shape[1] != out.grid[0] * out.grid[1]:
             raise ValueError(f"teacher {self.spec.name}: tokens {tuple(tokens.shape)} do not match grid {out.grid}")
         return NativeOutput(
-            tokens=tokens.contiguous(), grid=tuple(int(v) for v in out.grid),
+            tokens=tokens.contiguous(),
+            grid=tuple(int(v) for v in out.grid),
             cls_state=None if out.cls_state is None else out.cls_state.float(),
             cls_attn=None if out.cls_attn is None else out.cls_attn.float(),
         )
@@ -313,8 +335,17 @@ def with_source(spec: TeacherSpec, default: str) -> TeacherSpec:
     return spec if spec.source else dataclasses.replace(spec, source=default)
 
 
-def clip_style_preprocess(resolution: int, aspect: str, mean=CLIP_MEAN, std=CLIP_STD,
-                          interpolation: str = "bicubic") -> PreprocessSpec:
+def clip_style_preprocess(
+    resolution: int, aspect: str, mean=CLIP_MEAN, std=CLIP_STD, interpolation: str = "bicubic"
+) -> PreprocessSpec:
     """CLIPImageProcessor-style: shortest edge, centre crop (REFERENCE section 3)."""
-    return PreprocessSpec(resolution=resolution, resize="shortest_edge", crop="center", pad="none",
-                          aspect=aspect, interpolation=interpolation, mean=mean, std=std)
+    return PreprocessSpec(
+        resolution=resolution,
+        resize="shortest_edge",
+        crop="center",
+        pad="none",
+        aspect=aspect,
+        interpolation=interpolation,
+        mean=mean,
+        std=std,
+    )

@@ -19,7 +19,12 @@ from __future__ import annotations
 import torch
 
 from pipeline.teachers.base import (
-    NativeOutput, Teacher, TeacherSpec, clip_style_preprocess, register_teacher, with_source,
+    NativeOutput,
+    Teacher,
+    TeacherSpec,
+    clip_style_preprocess,
+    register_teacher,
+    with_source,
 )
 from pipeline.teachers.hf import accepts_kwarg, load_hf, square_grid_from_config
 
@@ -45,8 +50,12 @@ class ClipTeacher(Teacher):
         if resolution != int(cfg.image_size) and accepts_kwarg(model, "interpolate_pos_encoding"):
             self.forward_kwargs["interpolate_pos_encoding"] = True
         super().__init__(
-            spec, model, device, clip_style_preprocess(resolution, spec.aspect),
-            layer=f"hidden_states[{layer}][:, 1:]", has_cls=True,
+            spec,
+            model,
+            device,
+            clip_style_preprocess(resolution, spec.aspect),
+            layer=f"hidden_states[{layer}][:, 1:]",
+            has_cls=True,
             arch_info={"class": type(model).__name__, "model_kwargs": spec.model_kwargs},
         )
 

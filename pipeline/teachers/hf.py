@@ -37,8 +37,16 @@ import torch.nn.functional as F
 
 from cache.manifest import PreprocessSpec
 from pipeline.teachers.base import (
-    IMAGENET_MEAN, IMAGENET_STD, NativeOutput, Teacher, TeacherSpec, clip_style_preprocess,
-    register_teacher, split_family, square_grid, with_source,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NativeOutput,
+    Teacher,
+    TeacherSpec,
+    clip_style_preprocess,
+    register_teacher,
+    split_family,
+    square_grid,
+    with_source,
 )
 
 DEFAULT_SOURCES = {
@@ -56,8 +64,7 @@ _OUTPUT_ONLY_PREFIXES = ("pooler.", "head.", "vision_model.head.")
 def attn_implementation(cls: type, device: torch.device, spec: TeacherSpec) -> str:
     sixteen_bit = spec.compute_dtype in ("auto", "bfloat16", "float16")
     flash = getattr(cls, "_supports_flash_attn", False) or getattr(cls, "_supports_flash_attn_2", False)
-    if (device.type == "cuda" and sixteen_bit and flash
-            and importlib.util.find_spec("flash_attn") is not None):
+    if device.type == "cuda" and sixteen_bit and flash and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
 
@@ -67,8 +74,11 @@ def load_hf(cls: type, spec: TeacherSpec, device: torch.device) -> torch.nn.Modu
     source = spec.source
     try:
         model, info = cls.from_pretrained(
-            source, attn_implementation=attn_implementation(cls, device, spec), dtype=torch.float32,
-            output_loading_info=True, **spec.model_kwargs,
+            source,
+            attn_implementation=attn_implementation(cls, device, spec),
+            dtype=torch.float32,
+            output_loading_info=True,
+            **spec.model_kwargs,
         )
     except (OSError, ValueError) as e:
         raise ValueError(f"teacher {spec.name}: cannot load {cls.__name__} from {source!r}: {e}") from e
@@ -106,12 +116,19 @@ class HFTeacher(Teacher):
         self.hs_layer = layer
         self.patch_grid = square_grid_from_config(preprocess.resolution, model.config, spec.name)
         self.forward_kwargs = {}
-        if (preprocess.resolution != _config_image_size(model.config)
-                and accepts_kwarg(model, "interpolate_pos_encoding")):
+        if preprocess.resolution != _config_image_size(model.config) and accepts_kwarg(
+            model, "interpolate_pos_encoding"
+        ):
             self.forward_kwargs["interpolate_pos_encoding"] = True
         where = "last_hidden_state" if layer is None else f"hidden_states[{layer}]"
-        super().__init__(spec, model, device, preprocess, layer=f"{where} patch tokens (prefix tokens dropped)",
-                         arch_info={"class": type(model).__name__, "model_kwargs": spec.model_kwargs})
+        super().__init__(
+            spec,
+            model,
+            device,
+            preprocess,
+            layer=f"{where} patch tokens (prefix tokens dropped)",
+            arch_info={"class": type(model).__name__, "model_kwargs": spec.model_kwargs},
+        )
 
     def _forward(self, pixels: torch.Tensor) -> NativeOutput:
         out = self.model(pixel_values=pixels, output_hidden_states=self.hs_layer is not None, **self.forward_kwargs)
@@ -192,10 +209,24 @@ def build_sam(spec: TeacherSpec, device: torch.device) -> Teacher:
     resolution = spec.resolution or size
     if resolution != size:
         raise ValueError(f"teacher {spec.name}: sam needs resolution == config.image_size ({size}), got {resolution}")
-    pp = PreprocessSpec(resolution=resolution, resize="longest_edge", crop="none", pad="bottom_right",
-                        aspect=spec.aspect, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    return SamTeacher(spec, model, device, pp, layer="vision_encoder.neck output (channels-last, row-major)",
-                      arch_info={"class": type(model).__name__, "model_kwargs": spec.model_kwargs})
+    pp = PreprocessSpec(
+        resolution=resolution,
+        resize="longest_edge",
+        crop="none",
+        pad="bottom_right",
+        aspect=spec.aspect,
+        interpolation="bilinear",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+    return SamTeacher(
+        spec,
+        model,
+        device,
+        pp,
+        layer="vision_encoder.neck output (channels-last, row-major)",
+        arch_info={"class": type(model).__name__, "model_kwargs": spec.model_kwargs},
+    )
 
 
 # -- pix2struct ----------------------------------------------------------------------------
@@ -209,8 +240,14 @@ class Pix2StructTeacher(Teacher):
         self.hs_layer = spec.layer
         pp = clip_style_preprocess(resolution, spec.aspect, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear")
         where = "last_hidden_state" if spec.layer is None else f"hidden_states[{spec.layer}]"
-        super().__init__(spec, model, device, pp, layer=f"encoder {where} (fixed {self.patch_grid} patch grid)",
-                         arch_info={"class": type(model).__name__, "model_kwargs": spec.model_kwargs})
+        super().__init__(
+            spec,
+            model,
+            device,
+            pp,
+            layer=f"encoder {where} (fixed {self.patch_grid} patch grid)",
+            arch_info={"class": type(model).__name__, "model_kwargs": spec.model_kwargs},
+        )
 
     def _forward(self, pixels: torch.Tensor) -> NativeOutput:
         patches = pix2struct_patches(pixels, self.patch)

@@ -31,7 +31,13 @@ import os
 import torch
 
 from pipeline.teachers.base import (
-    NativeOutput, Teacher, TeacherSpec, clip_style_preprocess, register_teacher, split_family, with_source,
+    NativeOutput,
+    Teacher,
+    TeacherSpec,
+    clip_style_preprocess,
+    register_teacher,
+    split_family,
+    with_source,
 )
 
 EVA_ARCH, EVA_SOURCE = "eva02_large_patch14_224", "timm/eva02_large_patch14_224.mim_m38m"
@@ -43,14 +49,24 @@ class TimmTeacher(Teacher):
     def __init__(self, spec: TeacherSpec, model, device, preprocess, arch_info: dict):
         self.block = spec.layer
         where = "last block/stage" if spec.layer is None else f"block/stage {spec.layer}"
-        super().__init__(spec, model, device, preprocess,
-                         layer=f"forward_intermediates: {where} output, no norm, prefix tokens dropped",
-                         arch_info=arch_info)
+        super().__init__(
+            spec,
+            model,
+            device,
+            preprocess,
+            layer=f"forward_intermediates: {where} output, no norm, prefix tokens dropped",
+            arch_info=arch_info,
+        )
 
     def _forward(self, pixels: torch.Tensor) -> NativeOutput:
         indices = 1 if self.block is None else [self.block]
         feats = self.model.forward_intermediates(
-            pixels, indices=indices, norm=False, stop_early=True, output_fmt="NCHW", intermediates_only=True,
+            pixels,
+            indices=indices,
+            norm=False,
+            stop_early=True,
+            output_fmt="NCHW",
+            intermediates_only=True,
         )[0]
         return NativeOutput(tokens=feats.flatten(2).transpose(1, 2), grid=tuple(feats.shape[-2:]))
 
@@ -67,8 +83,9 @@ def load_timm(arch: str | None, spec: TeacherSpec, kwargs: dict) -> torch.nn.Mod
             cfg = timm.models.get_pretrained_cfg(arch)
             n = kwargs.get("num_classes", cfg.num_classes if cfg is not None else 1000)
             overlay = dict(file=os.path.abspath(source), num_classes=n)
-            return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay,
-                                     **{**kwargs, "num_classes": n})
+            return timm.create_model(
+                arch, pretrained=True, pretrained_cfg_overlay=overlay, **{**kwargs, "num_classes": n}
+            )
         if source.endswith(_CHECKPOINT_SUFFIXES) or source.startswith((".", "/")):
             raise ValueError(f"teacher {spec.name}: checkpoint file {source!r} does not exist")
         if source:
@@ -87,8 +104,13 @@ def build_eva(spec: TeacherSpec, device: torch.device) -> Teacher:
         raise ValueError(f"teacher {spec.name}: model_kwargs img_size {kwargs['img_size']} != resolution {resolution}")
     arch = spec.arch or EVA_ARCH
     model = load_timm(arch, spec, kwargs)
-    return TimmTeacher(spec, model, device, clip_style_preprocess(resolution, spec.aspect),
-                       arch_info={"arch": arch, "model_kwargs": kwargs})
+    return TimmTeacher(
+        spec,
+        model,
+        device,
+        clip_style_preprocess(resolution, spec.aspect),
+        arch_info={"arch": arch, "model_kwargs": kwargs},
+    )
 
 
 @register_teacher("convnext")
@@ -97,8 +119,13 @@ def build_convnext(spec: TeacherSpec, device: torch.device) -> Teacher:
     arch = spec.arch or CONVNEXT_ARCH
     kwargs = dict(spec.model_kwargs)
     model = load_timm(arch, spec, kwargs)
-    return TimmTeacher(spec, model, device, clip_style_preprocess(spec.resolution or 1024, spec.aspect),
-                       arch_info={"arch": arch, "model_kwargs": kwargs})
+    return TimmTeacher(
+        spec,
+        model,
+        device,
+        clip_style_preprocess(spec.resolution or 1024, spec.aspect),
+        arch_info={"arch": arch, "model_kwargs": kwargs},
+    )
 
 
 @register_teacher("timm:")
@@ -114,8 +141,13 @@ def build_timm_generic(spec: TeacherSpec, device: torch.device) -> Teacher:
     data = resolve_data_config({}, model=model)
     resolution = spec.resolution or _model_img_size(model) or int(data["input_size"][-1])
     interpolation = data.get("interpolation", "bicubic")
-    pp = clip_style_preprocess(resolution, spec.aspect, tuple(data["mean"]), tuple(data["std"]),
-                               interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic")
+    pp = clip_style_preprocess(
+        resolution,
+        spec.aspect,
+        tuple(data["mean"]),
+        tuple(data["std"]),
+        interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic",
+    )
     return TimmTeacher(spec, model, device, pp, arch_info={"arch": arch, "model_kwargs": kwargs})
 
 

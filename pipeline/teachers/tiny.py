@@ -18,7 +18,7 @@ Decisions:
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -28,14 +28,17 @@ TINY_FAMILIES = ("clip", "eva", "convnext", "sam", "pix2struct", "dinov2", "sigl
 _TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
-def make_tiny_teachers(out_dir: str | os.PathLike, families: Iterable[str] | None = None,
-                       seed: int = 0) -> list[TeacherSpec]:
+def make_tiny_teachers(
+    out_dir: str | os.PathLike, families: Iterable[str] | None = None, seed: int = 0
+) -> list[TeacherSpec]:
     """Write tiny checkpoints for ``families`` (default: all) under ``out_dir``; return their specs."""
     families = list(TINY_FAMILIES if families is None else families)
     unknown = [f for f in families if f not in _MAKERS]
     if unknown:
-        raise ValueError(f"no tiny teacher for famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
-                         f"available: {list(TINY_FAMILIES)}")
+        raise ValueError(
+            f"no tiny teacher for famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+            f"available: {list(TINY_FAMILIES)}"
+        )
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     specs = []
@@ -77,17 +80,33 @@ def _clip(out_dir: str) -> TeacherSpec:
 def _sam(out_dir: str) -> TeacherSpec:
     from transformers import SamVisionConfig, SamVisionModel
 
-    cfg = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8,
-                          output_channels=16, window_size=4, global_attn_indexes=[1], mlp_dim=64,
-                          initializer_range=0.02)
+    cfg = SamVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=8,
+        output_channels=16,
+        window_size=4,
+        global_attn_indexes=[1],
+        mlp_dim=64,
+        initializer_range=0.02,
+    )
     return TeacherSpec(name="sam", family="sam", source=_save_hf(SamVisionModel(cfg), out_dir, "sam"))
 
 
 def _pix2struct(out_dir: str) -> TeacherSpec:
     from transformers import Pix2StructVisionConfig, Pix2StructVisionModel
 
-    cfg = Pix2StructVisionConfig(hidden_size=32, patch_embed_hidden_size=8 * 8 * 3, d_ff=64, d_kv=16,
-                                 num_hidden_layers=2, num_attention_heads=2, initializer_range=0.02)
+    cfg = Pix2StructVisionConfig(
+        hidden_size=32,
+        patch_embed_hidden_size=8 * 8 * 3,
+        d_ff=64,
+        d_kv=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        initializer_range=0.02,
+    )
     path = _save_hf(Pix2StructVisionModel(cfg), out_dir, "pix2struct")
     return TeacherSpec(name="pix2struct", family="pix2struct", source=path, resolution=64)
 
@@ -95,8 +114,9 @@ def _pix2struct(out_dir: str) -> TeacherSpec:
 def _dinov2(out_dir: str) -> TeacherSpec:
     from transformers import Dinov2Config, Dinov2Model
 
-    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                       image_size=32, patch_size=8)
+    cfg = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32, patch_size=8
+    )
     path = _save_hf(Dinov2Model(cfg), out_dir, "dinov2")
     return TeacherSpec(name="dinov2", family="dinov2", source=path, resolution=48)
 
@@ -122,8 +142,14 @@ def _eva(out_dir: str) -> TeacherSpec:
 
     kwargs = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
     model = timm.create_model("eva02_large_patch14_224", pretrained=False, img_size=64, **kwargs)
-    return TeacherSpec(name="eva", family="eva", source=_save_timm(model, out_dir, "eva"),
-                       arch="eva02_large_patch14_224", resolution=64, model_kwargs=kwargs)
+    return TeacherSpec(
+        name="eva",
+        family="eva",
+        source=_save_timm(model, out_dir, "eva"),
+        arch="eva02_large_patch14_224",
+        resolution=64,
+        model_kwargs=kwargs,
+    )
 
 
 def _convnext(out_dir: str) -> TeacherSpec:
@@ -131,8 +157,14 @@ def _convnext(out_dir: str) -> TeacherSpec:
 
     kwargs = dict(depths=[1, 1, 1, 1], dims=[16, 24, 32, 48])
     model = timm.create_model("convnext_xxlarge", pretrained=False, **kwargs)
-    return TeacherSpec(name="convnext", family="convnext", source=_save_timm(model, out_dir, "convnext"),
-                       arch="convnext_xxlarge", resolution=128, model_kwargs=kwargs)
+    return TeacherSpec(
+        name="convnext",
+        family="convnext",
+        source=_save_timm(model, out_dir, "convnext"),
+        arch="convnext_xxlarge",
+        resolution=128,
+        model_kwargs=kwargs,
+    )
 
 
 def _timm_generic(out_dir: str) -> TeacherSpec:
@@ -140,11 +172,22 @@ def _timm_generic(out_dir: str) -> TeacherSpec:
 
     kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
     model = timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs)
-    return TeacherSpec(name="timm_vit", family="timm:vit_small_patch16_224",
-                       source=_save_timm(model, out_dir, "timm_vit"), model_kwargs=kwargs)
+    return TeacherSpec(
+        name="timm_vit",
+        family="timm:vit_small_patch16_224",
+        source=_save_timm(model, out_dir, "timm_vit"),
+        model_kwargs=kwargs,
+    )
 
 
 _MAKERS: dict[str, Callable[[str], TeacherSpec]] = {
-    "clip": _clip, "eva": _eva, "convnext": _convnext, "sam": _sam, "pix2struct": _pix2struct,
-    "dinov2": _dinov2, "siglip": _siglip, "hf": _hf_generic, "timm": _timm_generic,
+    "clip": _clip,
+    "eva": _eva,
+    "convnext": _convnext,
+    "sam": _sam,
+    "pix2struct": _pix2struct,
+    "dinov2": _dinov2,
+    "siglip": _siglip,
+    "hf": _hf_generic,
+    "timm": _timm_generic,
 }

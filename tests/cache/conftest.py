@@ -26,7 +26,7 @@ def memory_url():
     url = f"memory://movekd-test-{uuid.uuid4().hex}"
     yield url
     fs = fsspec.filesystem("memory")
-    root = url[len("memory://"):]
+    root = url[len("memory://") :]
     if fs.exists(root):
         fs.rm(root, recursive=True)
 

@@ -18,15 +18,24 @@ CLS_GRID = (4, 4)
 def make_teacher(name: str, grid=(4, 4), channels=64, codec="bf16", resolution=56, **kw) -> TeacherEntry:
     pre = kw.pop("preprocess", None) or PreprocessSpec(resolution=resolution)
     return TeacherEntry(
-        name=name, family=kw.pop("family", name), source=kw.pop("source", f"test/{name}"),
-        weights_fingerprint=kw.pop("weights_fingerprint", f"sha256:{name}"), layer=kw.pop("layer", "blocks[-2]"),
-        tokens=grid[0] * grid[1], grid=grid, channels=channels, compute_dtype=kw.pop("compute_dtype", "bfloat16"),
-        preprocess=pre, codec=codec, **kw,
+        name=name,
+        family=kw.pop("family", name),
+        source=kw.pop("source", f"test/{name}"),
+        weights_fingerprint=kw.pop("weights_fingerprint", f"sha256:{name}"),
+        layer=kw.pop("layer", "blocks[-2]"),
+        tokens=grid[0] * grid[1],
+        grid=grid,
+        channels=channels,
+        compute_dtype=kw.pop("compute_dtype", "bfloat16"),
+        preprocess=pre,
+        codec=codec,
+        **kw,
     )
 
 
-def make_manifest(num_shards: int = 3, shard_size: int = 4, codecs: dict | None = None,
-                  cls: bool = True, **overrides) -> CacheManifest:
+def make_manifest(
+    num_shards: int = 3, shard_size: int = 4, codecs: dict | None = None, cls: bool = True, **overrides
+) -> CacheManifest:
     """clip (CLS teacher, 4x4 grid, 64 ch), eva (8x8, 32 ch) and convnext (2x2, 64 ch)."""
     codecs = {"clip": "bf16", "eva": "int8", "convnext": "int4", **(codecs or {})}
     teachers = [
@@ -34,15 +43,25 @@ def make_manifest(num_shards: int = 3, shard_size: int = 4, codecs: dict | None 
         make_teacher("eva", (8, 8), 32, codecs["eva"], 112),
         make_teacher("convnext", (2, 2), 64, codecs["convnext"], 112, resample="area", native_grid=(3, 3)),
     ]
-    kw = dict(teachers=teachers, num_shards=num_shards, shard_size=shard_size,
-              dataset_fingerprint="sha256:toy-dataset", dataset_name="toy", cls_teacher="clip" if cls else None)
+    kw = dict(
+        teachers=teachers,
+        num_shards=num_shards,
+        shard_size=shard_size,
+        dataset_fingerprint="sha256:toy-dataset",
+        dataset_name="toy",
+        cls_teacher="clip" if cls else None,
+    )
     kw.update(overrides)
     return CacheManifest(**kw)
 
 
 def single_teacher_manifest(codec: str, tokens_grid=(8, 8), channels: int = 256, shard_size: int = 4) -> CacheManifest:
-    return CacheManifest(teachers=[make_teacher("t", tokens_grid, channels, codec)], num_shards=1,
-                         shard_size=shard_size, dataset_fingerprint="sha256:single")
+    return CacheManifest(
+        teachers=[make_teacher("t", tokens_grid, channels, codec)],
+        num_shards=1,
+        shard_size=shard_size,
+        dataset_fingerprint="sha256:single",
+    )
 
 
 def shard_len(manifest: CacheManifest, shard: int) -> int:
@@ -65,8 +84,10 @@ def shard_data(manifest: CacheManifest, shard: int, seed: int = 0) -> dict:
     rng = np.random.default_rng([seed, shard])
     keys = shard_keys(manifest, shard)
     n = len(keys)
-    feats = {t.name: (rng.standard_normal((n, t.tokens, t.channels)) * (1 + i)).astype(np.float32)
-             for i, t in enumerate(manifest.teachers)}
+    feats = {
+        t.name: (rng.standard_normal((n, t.tokens, t.channels)) * (1 + i)).astype(np.float32)
+        for i, t in enumerate(manifest.teachers)
+    }
     out = {"keys": keys, "features": feats}
     if manifest.cls_teacher is not None:
         cls = manifest.teacher(manifest.cls_teacher)
@@ -86,12 +107,19 @@ def default_failed(manifest: CacheManifest, shard: int) -> dict[str, str]:
 def write_shard(writer: CacheWriter, shard: int, seed: int = 0, with_failed: bool = True):
     data = shard_data(writer.manifest, shard, seed)
     failed = default_failed(writer.manifest, shard) if with_failed else None
-    return writer.write_shard(shard, data["keys"], data["features"], data.get("cls_state"),
-                              data.get("cls_attn"), failed=failed)
+    return writer.write_shard(
+        shard, data["keys"], data["features"], data.get("cls_state"), data.get("cls_attn"), failed=failed
+    )
 
 
-def build_cache(location, manifest: CacheManifest | None = None, shards=None, null: bool = True,
-                seed: int = 0, with_failed: bool = True) -> CacheManifest:
+def build_cache(
+    location,
+    manifest: CacheManifest | None = None,
+    shards=None,
+    null: bool = True,
+    seed: int = 0,
+    with_failed: bool = True,
+) -> CacheManifest:
     """Create a cache at ``location`` and write ``shards`` (default all) plus the no-image row."""
     manifest = manifest or make_manifest()
     writer = CacheWriter.create(location, manifest)
@@ -124,7 +152,7 @@ def flip_payload_bit(file, shard_size: int, chunk: int = 1, index: bool = False)
     chunk, then a CRC32C; flipping by the index keeps the corruption inside real data.
     """
     data = bytearray(file.read_bytes())
-    table = np.frombuffer(bytes(data[-(16 * shard_size + 4):-4]), "<u8").reshape(-1, 2)
+    table = np.frombuffer(bytes(data[-(16 * shard_size + 4) : -4]), "<u8").reshape(-1, 2)
     offset, nbytes = table[chunk]
     pos = len(data) - 10 if index else int(offset + nbytes // 2)
     data[pos] ^= 0x10

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cache import NULL_KEY, open_cache
-from cache import cli
+from cache import NULL_KEY, cli, open_cache
 from tests.cache import synth
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,12 +42,24 @@ def _truncate(path, rel="teachers/eva/values/c/1/0/0") -> str:
 
 # -- inspect -------------------------------------------------------------------------------------
 
+
 def test_inspect_table(capsys, built_cache):
     code, out, err = run(capsys, "inspect", built_cache[0])
     assert code == 0 and err == ""
-    for text in ("movekd-feature-cache v1", "3/3 committed", "no-image row committed", "10 valid, 1 failed",
-                 "toy (fingerprint sha256:toy-dataset)", "clip*", "bf16", "int8", "int4", "area from 3x3",
-                 "56 shortest_edge, bicubic, crop center, aspect square", "x raw bf16"):
+    for text in (
+        "movekd-feature-cache v1",
+        "3/3 committed",
+        "no-image row committed",
+        "10 valid, 1 failed",
+        "toy (fingerprint sha256:toy-dataset)",
+        "clip*",
+        "bf16",
+        "int8",
+        "int4",
+        "area from 3x3",
+        "56 shortest_edge, bicubic, crop center, aspect square",
+        "x raw bf16",
+    ):
         assert text in out, text
 
 
@@ -80,6 +91,7 @@ def test_inspect_incomplete_cache(capsys, tmp_path, manifest):
 
 
 # -- verify --------------------------------------------------------------------------------------
+
 
 def test_verify_exit_codes(capsys, own_cache, tmp_path):
     code, out, err = run(capsys, "verify", own_cache, "--no-progress")
@@ -116,6 +128,7 @@ def test_progress_bars_are_drawn_unless_disabled(capsys, built_cache):
 
 # -- show ----------------------------------------------------------------------------------------
 
+
 def test_show_matches_numpy(capsys, built_cache):
     path, manifest = built_cache
     code, out, _ = run(capsys, "show", path, "img-002-01", "--json")
@@ -124,8 +137,14 @@ def test_show_matches_numpy(capsys, built_cache):
     x = batch.features["eva"][0].astype(np.float64)
     eva = info["teachers"]["eva"]
     assert code == 0 and eva["shape"] == [64, 32] and eva["codec"] == "int8"
-    for name, value in (("mean", x.mean()), ("std", x.std()), ("min", x.min()), ("max", x.max()),
-                        ("absmax", np.abs(x).max()), ("token_l2_mean", np.linalg.norm(x, axis=1).mean())):
+    for name, value in (
+        ("mean", x.mean()),
+        ("std", x.std()),
+        ("min", x.min()),
+        ("max", x.max()),
+        ("absmax", np.abs(x).max()),
+        ("token_l2_mean", np.linalg.norm(x, axis=1).mean()),
+    ):
         assert eva[name] == pytest.approx(value, rel=1e-9), name
     attn = batch.cls_attn[0].astype(np.float64)
     p = attn / attn.sum()
@@ -146,6 +165,7 @@ def test_show_table_and_key_errors(capsys, built_cache):
 
 
 # -- stats ---------------------------------------------------------------------------------------
+
 
 def test_stats_stored_values_match_numpy(capsys, own_cache):
     code, out, _ = run(capsys, "stats", own_cache, "--teachers", "eva", "--no-progress")
@@ -173,6 +193,7 @@ def test_stats_errors(capsys, own_cache, tmp_path, manifest):
 
 # -- attn ----------------------------------------------------------------------------------------
 
+
 def _png(path) -> np.ndarray:
     with Image.open(path) as im:
         assert im.format == "PNG" and im.mode in ("RGB", "RGBA")
@@ -189,8 +210,18 @@ def test_attn_heatmap_with_and_without_image(capsys, built_cache, tmp_path):
     yy, xx = np.mgrid[0:90, 0:160]
     picture = np.stack([xx * 255 // 159, yy * 255 // 89, np.full_like(xx, 60)], axis=-1).astype(np.uint8)
     Image.fromarray(picture).save(tmp_path / "photo.png")
-    code, _, _ = run(capsys, "attn", path, "img-000-02", "--out", tmp_path / "over.png",
-                     "--image", tmp_path / "photo.png", "--alpha", "0.4")
+    code, _, _ = run(
+        capsys,
+        "attn",
+        path,
+        "img-000-02",
+        "--out",
+        tmp_path / "over.png",
+        "--image",
+        tmp_path / "photo.png",
+        "--alpha",
+        "0.4",
+    )
     over = _png(tmp_path / "over.png")
     assert code == 0 and over.shape == plain.shape and np.abs(over - plain).mean() > 1
 
@@ -226,6 +257,7 @@ def test_attn_errors(capsys, built_cache, tmp_path, manifest):
 
 # -- errors and entry points ---------------------------------------------------------------------
 
+
 def test_wrong_version_is_one_line_exit_2(capsys, own_cache):
     meta = json.loads((own_cache / "zarr.json").read_text())
     meta["attributes"]["movekd"]["format_version"] = 99
@@ -248,8 +280,9 @@ def test_every_option_has_help():
 
 def _cli(*args) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_python_m_cache_and_movekd_cache_entry_points(own_cache):

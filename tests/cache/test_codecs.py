@@ -120,8 +120,13 @@ def test_bf16_roundtrip_is_bit_exact_for_every_finite_pattern(bits):
 
 
 @PROPS
-@given(x=hnp.arrays(np.float16, hnp.array_shapes(min_dims=3, max_dims=3, max_side=6),
-                    elements=st.floats(width=16, allow_nan=False, allow_infinity=False)))
+@given(
+    x=hnp.arrays(
+        np.float16,
+        hnp.array_shapes(min_dims=3, max_dims=3, max_side=6),
+        elements=st.floats(width=16, allow_nan=False, allow_infinity=False),
+    )
+)
 def test_fp16_roundtrip_is_exact_for_fp16_values(x):
     codec = get_codec("fp16")
     y = codec.decode(codec.encode(x.astype(np.float32)))
@@ -129,6 +134,7 @@ def test_fp16_roundtrip_is_exact_for_fp16_values(x):
 
 
 # -- errors --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("codec", list_codecs())
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -160,6 +166,7 @@ def test_shape_errors_are_clear():
 
 
 # -- the stored layout FORMAT.md documents ---------------------------------------------------
+
 
 def test_int8_stores_absmax_over_qmax_plus_half_scales():
     x = np.random.default_rng(5).standard_normal((2, 3, 16)).astype(np.float32)

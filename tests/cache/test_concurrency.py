@@ -48,8 +48,15 @@ print("DONE", flush=True)
 
 def _child(path, shards: list[int], stall: bool = False, num_shards: int = 3) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    args = [sys.executable, "-c", CHILD, str(path), ",".join(map(str, shards)), "stall" if stall else "run",
-            str(num_shards)]
+    args = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(path),
+        ",".join(map(str, shards)),
+        "stall" if stall else "run",
+        str(num_shards),
+    ]
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

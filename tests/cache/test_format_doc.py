@@ -25,8 +25,13 @@ def _plain_zarr_example() -> str:
     return match.group(1)
 
 
-@pytest.mark.parametrize("codecs", [{"clip": "bf16", "eva": "int8", "convnext": "int4"},
-                                    {"clip": "fp16", "eva": "int8_channel", "convnext": "int4_g64"}])
+@pytest.mark.parametrize(
+    "codecs",
+    [
+        {"clip": "bf16", "eva": "int8", "convnext": "int4"},
+        {"clip": "fp16", "eva": "int8_channel", "convnext": "int4_g64"},
+    ],
+)
 def test_plain_zarr_example_matches_the_reader(tmp_path, codecs):
     code = _plain_zarr_example()
     assert "import cache" not in code and "from cache" not in code

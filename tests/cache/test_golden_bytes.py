@@ -30,13 +30,34 @@ FIXED = {"created": "2026-12-01T00:00:00+00:00", "package_version": "0.1.0"}
 
 # codec -> (files digest, values digest), recorded before the refactor (see module docstring).
 GOLDEN = {
-    "bf16": ('0fd6bce38536ea3538fefff6fda8ac818d6ca68f7d53f9c08b55e96949927482', '070e314afe379974667778589a8c28a3eb6a45f3b0a00ecec153a2105295ff95'),
-    "ecsq": ('0757d8c066d8d3bb8e4a236be8468acf80f0f934ba7a9a9666d7423f3ee33b9b', 'c85e088c7b6b5ee66878c38a918da9fa05a72b66ffad30f704ed259c75f835d2'),
-    "fp16": ('d11c00e728f39fe97b8c1608aae57eedad8b019e4135362d7959e288a51c3189', 'ee63765f4e6590b8730aa79cbbf4c287d61c278158f5611013703eb1813fb2ae'),
-    "int4": ('8704f3d6838c79dffbeb2fd88a7a0d728db62a2640534a24b780e15349752163', 'ebd1ddc34350fcdd047121e2a9b7791525034eee798aa0f363b08ade7d3f9e37'),
-    "int4_g64": ('2f9fe5810ff8c928659281382e0817be3307135fede9c51d8d4bc4f26ad78da5', '59dd1460a600a29e55d4bfba4d8bbd94831bd63bd8981a490b459d428852d541'),
-    "int8": ('15f1996f50175c35b22036e0eb47a223d662340864d1bae908608b2cede57109', '9af4f5832ac44afca321d6bf91d3bcb653b9b203f0e4c81e1726dd6356024991'),
-    "int8_channel": ('cbcb5e3bcb83b4863c0cb906739854cb98af64eab11dca7979daac0016823028', '6db521b383a1b5bf83b16ee501a55d8637e3e5779108ffd7f346f3b867c4566d'),
+    "bf16": (
+        "0fd6bce38536ea3538fefff6fda8ac818d6ca68f7d53f9c08b55e96949927482",
+        "070e314afe379974667778589a8c28a3eb6a45f3b0a00ecec153a2105295ff95",
+    ),
+    "ecsq": (
+        "0757d8c066d8d3bb8e4a236be8468acf80f0f934ba7a9a9666d7423f3ee33b9b",
+        "c85e088c7b6b5ee66878c38a918da9fa05a72b66ffad30f704ed259c75f835d2",
+    ),
+    "fp16": (
+        "d11c00e728f39fe97b8c1608aae57eedad8b019e4135362d7959e288a51c3189",
+        "ee63765f4e6590b8730aa79cbbf4c287d61c278158f5611013703eb1813fb2ae",
+    ),
+    "int4": (
+        "8704f3d6838c79dffbeb2fd88a7a0d728db62a2640534a24b780e15349752163",
+        "ebd1ddc34350fcdd047121e2a9b7791525034eee798aa0f363b08ade7d3f9e37",
+    ),
+    "int4_g64": (
+        "2f9fe5810ff8c928659281382e0817be3307135fede9c51d8d4bc4f26ad78da5",
+        "59dd1460a600a29e55d4bfba4d8bbd94831bd63bd8981a490b459d428852d541",
+    ),
+    "int8": (
+        "15f1996f50175c35b22036e0eb47a223d662340864d1bae908608b2cede57109",
+        "9af4f5832ac44afca321d6bf91d3bcb653b9b203f0e4c81e1726dd6356024991",
+    ),
+    "int8_channel": (
+        "cbcb5e3bcb83b4863c0cb906739854cb98af64eab11dca7979daac0016823028",
+        "6db521b383a1b5bf83b16ee501a55d8637e3e5779108ffd7f346f3b867c4566d",
+    ),
 }
 
 
@@ -81,5 +102,7 @@ def test_cache_bytes_are_unchanged(tmp_path, codec):
     files, values = cache_digests(root)
     want_files, want_values = GOLDEN[codec]
     assert values == want_values, f"{codec}: the stored contents changed"
-    assert files == want_files, (f"{codec}: the stored values are the same but the file bytes differ: "
-                                 "a different zstd/blosc build (numcodecs) compresses differently")
+    assert files == want_files, (
+        f"{codec}: the stored values are the same but the file bytes differ: "
+        "a different zstd/blosc build (numcodecs) compresses differently"
+    )

@@ -9,7 +9,13 @@ import json
 import pytest
 
 from cache import (
-    FORMAT_VERSION, CacheManifest, CacheWriter, ManifestError, ManifestMismatchError, PreprocessSpec, TeacherEntry,
+    FORMAT_VERSION,
+    CacheManifest,
+    CacheWriter,
+    ManifestError,
+    ManifestMismatchError,
+    PreprocessSpec,
+    TeacherEntry,
 )
 from tests.cache.synth import make_manifest, make_teacher
 
@@ -24,8 +30,14 @@ def test_to_dict_from_dict_round_trip_through_json(manifest):
 
 
 def test_preprocess_and_teacher_round_trip():
-    spec = PreprocessSpec(resolution=1024, resize="longest_edge", crop="none", pad="bottom_right",
-                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    spec = PreprocessSpec(
+        resolution=1024,
+        resize="longest_edge",
+        crop="none",
+        pad="bottom_right",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
     assert PreprocessSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     t = make_teacher("sam", (64, 64), 256, "int8", preprocess=spec)
     assert TeacherEntry.from_dict(json.loads(json.dumps(t.to_dict()))) == t
@@ -81,11 +93,13 @@ def test_invalid_values_are_rejected_at_construction():
     with pytest.raises(ManifestError, match="preprocess.resize must be one of"):
         PreprocessSpec(resolution=336, resize="random")
     with pytest.raises(ManifestError, match="teacher names must be unique"):
-        CacheManifest(teachers=[make_teacher("a"), make_teacher("a")], num_shards=1, shard_size=1,
-                      dataset_fingerprint="x")
+        CacheManifest(
+            teachers=[make_teacher("a"), make_teacher("a")], num_shards=1, shard_size=1, dataset_fingerprint="x"
+        )
     with pytest.raises(ManifestError, match="cls_teacher 'b' is not a teacher"):
-        CacheManifest(teachers=[make_teacher("a")], num_shards=1, shard_size=1, dataset_fingerprint="x",
-                      cls_teacher="b")
+        CacheManifest(
+            teachers=[make_teacher("a")], num_shards=1, shard_size=1, dataset_fingerprint="x", cls_teacher="b"
+        )
     with pytest.raises(ManifestError, match="at least one teacher"):
         CacheManifest(teachers=[], num_shards=1, shard_size=1, dataset_fingerprint="x")
     with pytest.raises(ManifestError, match="must be non-empty, no '/'"):
@@ -97,13 +111,18 @@ def _with_teacher(manifest: CacheManifest, name: str, **changes) -> CacheManifes
     return dataclasses.replace(manifest, teachers=teachers)
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda m: _with_teacher(m, "eva", codec="int4"), "teachers.eva.codec"),
-    (lambda m: _with_teacher(m, "clip", preprocess=PreprocessSpec(resolution=56, aspect="pad")),
-     "teachers.clip.preprocess.aspect"),
-    (lambda m: dataclasses.replace(m, shard_size=8), "shard_size"),
-    (lambda m: dataclasses.replace(m, dataset_fingerprint="sha256:other"), "dataset_fingerprint"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda m: _with_teacher(m, "eva", codec="int4"), "teachers.eva.codec"),
+        (
+            lambda m: _with_teacher(m, "clip", preprocess=PreprocessSpec(resolution=56, aspect="pad")),
+            "teachers.clip.preprocess.aspect",
+        ),
+        (lambda m: dataclasses.replace(m, shard_size=8), "shard_size"),
+        (lambda m: dataclasses.replace(m, dataset_fingerprint="sha256:other"), "dataset_fingerprint"),
+    ],
+)
 def test_mismatch_names_the_differing_field(manifest, change, field):
     with pytest.raises(ManifestMismatchError, match=field.replace(".", r"\.")) as info:
         manifest.check_same(change(manifest))
@@ -112,8 +131,9 @@ def test_mismatch_names_the_differing_field(manifest, change, field):
 
 
 def test_provenance_is_not_identity(manifest):
-    other = dataclasses.replace(manifest, created="2000-01-01T00:00:00+00:00", package_version="9.9",
-                                notes={"host": "elsewhere"})
+    other = dataclasses.replace(
+        manifest, created="2000-01-01T00:00:00+00:00", package_version="9.9", notes={"host": "elsewhere"}
+    )
     manifest.check_same(other)  # no error
     assert "created" not in manifest.identity() and "notes" not in manifest.identity()
 

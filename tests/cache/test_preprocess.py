@@ -46,8 +46,15 @@ def clip_spec(res: int, aspect: str = "square") -> PreprocessSpec:
 
 
 def sam_spec(res: int) -> PreprocessSpec:
-    return PreprocessSpec(resolution=res, resize="longest_edge", crop="none", pad="bottom_right",
-                          interpolation="bilinear", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    return PreprocessSpec(
+        resolution=res,
+        resize="longest_edge",
+        crop="none",
+        pad="bottom_right",
+        interpolation="bilinear",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
 
 
 def hf(processor, image: Image.Image) -> np.ndarray:

@@ -29,8 +29,13 @@ def test_clean_cache_verifies(cache_path):
     report = verify_cache(cache_path, sample=100, progress=False)
     assert report.ok, report.problems
     assert report.to_dict() | {"location": None} == {
-        "location": None, "ok": True, "problems": [], "shards_total": 4, "shards_committed": 4,
-        "shards_checked": 4, "rows_sampled": 11,  # 10 valid images + the no-image row
+        "location": None,
+        "ok": True,
+        "problems": [],
+        "shards_total": 4,
+        "shards_committed": 4,
+        "shards_checked": 4,
+        "rows_sampled": 11,  # 10 valid images + the no-image row
     }
 
 
@@ -83,8 +88,9 @@ def test_missing_shard_file_is_reported(cache_path, manifest):
     file, key = _shard_file(cache_path, manifest, "teachers/convnext/scale", 0)
     file.unlink()  # reads back as zeros (fill value): the checksum catches it
     report = verify_cache(cache_path, sample=0, progress=False)
-    assert report.problems == [f"shard 00000: teachers/convnext/scale (file {key}): checksum mismatch "
-                               "(stored data changed or corrupt)"]
+    assert report.problems == [
+        f"shard 00000: teachers/convnext/scale (file {key}): checksum mismatch (stored data changed or corrupt)"
+    ]
 
 
 def test_unreadable_marker_and_missing_cache(cache_path, tmp_path):

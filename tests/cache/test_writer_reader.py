@@ -131,8 +131,9 @@ def test_write_validation_errors(tmp_path, manifest):
     with pytest.raises(ValueError, match=r"teacher eva: features shape \(4, 64, 31\)"):
         w.write_shard(0, d["keys"], d["features"] | {"eva": np.zeros((4, 64, 31))}, d["cls_state"], d["cls_attn"])
     with pytest.raises(ValueError, match=r"missing \['convnext'\]"):
-        w.write_shard(0, d["keys"], {k: v for k, v in d["features"].items() if k != "convnext"},
-                      d["cls_state"], d["cls_attn"])
+        w.write_shard(
+            0, d["keys"], {k: v for k, v in d["features"].items() if k != "convnext"}, d["cls_state"], d["cls_attn"]
+        )
     with pytest.raises(ValueError, match="cls_attn: expected shape"):
         w.write_shard(0, d["keys"], d["features"], d["cls_state"], None)
     assert w.committed_shards() == set()
@@ -151,6 +152,7 @@ def test_nonfinite_features_raise_naming_images_or_mark_them_failed(tmp_path, ma
 
 
 # -- worker processes ------------------------------------------------------------------------
+
 
 def _read_in_worker(args):
     cache, keys = args
@@ -171,6 +173,7 @@ def test_pickled_reader_works_in_worker_processes(built_cache, method):
 
 
 # -- opening things that are not (this version of) a cache ------------------------------------
+
 
 def test_edited_format_version_gives_a_clear_error(tmp_path, manifest):
     path = tmp_path / "c"

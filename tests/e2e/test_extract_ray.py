@@ -31,18 +31,29 @@ def tiny_dir(tmp_path_factory):
 
 
 def write_config(tmp: Path, packed, tiny_dir: str, **extra) -> Path:
-    cfg = {"base": str(ROOT / "jobs/configs/tiny.yaml"), "packed": packed.root, "out": str(tmp / "cache"),
-           "tiny_teachers": {"dir": tiny_dir, "families": ["clip", "eva", "convnext", "sam"]},
-           "progress": False, **extra}
+    cfg = {
+        "base": str(ROOT / "jobs/configs/tiny.yaml"),
+        "packed": packed.root,
+        "out": str(tmp / "cache"),
+        "tiny_teachers": {"dir": tiny_dir, "families": ["clip", "eva", "convnext", "sam"]},
+        "progress": False,
+        **extra,
+    }
     path = tmp / "extract.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 def driver(config: Path, *args: str, new_session: bool = False) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jobs.extract", "--config", str(config), *args], cwd=ROOT,
-                            env=loopback_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=new_session)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.extract", "--config", str(config), *args],
+        cwd=ROOT,
+        env=loopback_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=new_session,
+    )
 
 
 def committed(out: Path) -> int:
@@ -76,9 +87,27 @@ def test_extraction_via_ray_job_submit(tmp_path, tiny_dir):
     config = write_config(tmp_path, packed, tiny_dir, num_workers=1)
     with ray_cluster() as (url, env):
         job = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
-             "python", "-m", "jobs.extract", "--config", str(config)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            [
+                str(BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                url,
+                "--working-dir",
+                str(ROOT),
+                "--",
+                "python",
+                "-m",
+                "jobs.extract",
+                "--config",
+                str(config),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in job.stdout and "0 failed (of 3 incl. the no-image row)" in job.stdout
     assert_complete(tmp_path / "cache", packed)

@@ -83,17 +83,33 @@ def world(tmp_path_factory) -> World:
     caches = {}
     for codec in ("fp16", "int8"):
         caches[codec] = str(root / f"cache-{codec}")
-        extract_in_process(ExtractConfig(
-            packed=packed, out=caches[codec], teachers=tuple(specs), codec=codec, aspect="square",
-            dataset_name="e2e-train", batch_size=4, device="cpu", progress=False))
+        extract_in_process(
+            ExtractConfig(
+                packed=packed,
+                out=caches[codec],
+                teachers=tuple(specs),
+                codec=codec,
+                aspect="square",
+                dataset_name="e2e-train",
+                batch_size=4,
+                device="cpu",
+                progress=False,
+            )
+        )
     student_dir = str(root / "student")
     materialize_tiny_student({"tiny_student": {"dir": student_dir}})  # once, before parallel runs
     return World(root, data_json, packed, str(root / "teachers"), student_dir, caches)
 
 
 def train_argv(w: World, out: Path, *extra: str, codec: str = "fp16") -> list[str]:
-    sets = {"cache": w.caches[codec], "image_root": w.packed, "data_json": w.data_json,
-            "output_dir": str(out), "tiny_student.dir": w.student_dir, "progress_bar": "false"}
+    sets = {
+        "cache": w.caches[codec],
+        "image_root": w.packed,
+        "data_json": w.data_json,
+        "output_dir": str(out),
+        "tiny_student.dir": w.student_dir,
+        "progress_bar": "false",
+    }
     return ["--config", "train_tiny", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")], *extra]
 
 
@@ -119,8 +135,9 @@ class Run:
 def train_in_process(w: World, out: Path, codec: str, online: str | None = None) -> Run:
     # vicuna_v1 keeps the text-only rows (the plain template drops them), so the online teachers'
     # "no image" input is compared with the cache's reserved row too.
-    args = parse(train_argv(w, out, "--max-steps", "4", "--set", "template=vicuna_v1", "--set", "plot=false",
-                            codec=codec))
+    args = parse(
+        train_argv(w, out, "--max-steps", "4", "--set", "template=vicuna_v1", "--set", "plot=false", codec=codec)
+    )
     trainer, _ = build_training(resolve_config(args), Dist(), online)
     start = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
@@ -135,8 +152,14 @@ def train_in_process(w: World, out: Path, codec: str, online: str | None = None)
 def online_run(world, tmp_path_factory) -> Run:
     tmp = tmp_path_factory.mktemp("online")
     config = tmp / "extract.yaml"
-    config.write_text(yaml.safe_dump({"base": str(ROOT / "jobs/configs/tiny.yaml"),
-                                      "tiny_teachers": {"dir": world.teachers_dir, "families": FAMILIES}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(ROOT / "jobs/configs/tiny.yaml"),
+                "tiny_teachers": {"dir": world.teachers_dir, "families": FAMILIES},
+            }
+        )
+    )
     return train_in_process(world, tmp / "run", "fp16", online=str(config))
 
 
@@ -149,8 +172,17 @@ def rel_norm(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], base: dict[
     return max((float((a[n] - b[n]).norm() / (b[n] - (base[n] if base else 0)).norm()), n) for n in b)
 
 
-def compare(cached: Run, online: Run, *, kd_rtol: float, term_rtol: float, loss_rtol: float,
-            text_rtol: float, norm_rtol: float, tensor_rtol: float) -> None:
+def compare(
+    cached: Run,
+    online: Run,
+    *,
+    kd_rtol: float,
+    term_rtol: float,
+    loss_rtol: float,
+    text_rtol: float,
+    norm_rtol: float,
+    tensor_rtol: float,
+) -> None:
     steps = [r["step"] for r in online.log]
     assert steps == [r["step"] for r in cached.log] == [1, 2, 3, 4]
     assert sum(r["samples"] - r["images"] for r in online.log) > 0, "no text-only row was trained on"
@@ -187,8 +219,16 @@ def test_fp16_cache_trains_like_online_teachers(world, online_run, tmp_path):
     # fp16 holds the fp32 teacher outputs to relMSE ~4e-8. Measured against online (4 steps):
     # KD and total loss <= 7e-6, per-teacher KD <= 3e-5, grad norm <= 2e-5; per tensor, weight drift
     # <= 3.2e-4 of the training update and fixed-batch gradient <= 2.1e-4 relative.
-    compare(cached, online_run, kd_rtol=1e-4, term_rtol=1e-4, loss_rtol=1e-4, text_rtol=1e-6,
-            norm_rtol=1e-4, tensor_rtol=2e-3)
+    compare(
+        cached,
+        online_run,
+        kd_rtol=1e-4,
+        term_rtol=1e-4,
+        loss_rtol=1e-4,
+        text_rtol=1e-6,
+        norm_rtol=1e-4,
+        tensor_rtol=2e-3,
+    )
 
 
 def test_int8_cache_trains_close_to_online_teachers(world, online_run, tmp_path):
@@ -196,16 +236,30 @@ def test_int8_cache_trains_close_to_online_teachers(world, online_run, tmp_path)
     # int8 (per-token absmax) measured against online (4 steps): KD loss <= 6.1e-4, per-teacher
     # KD <= 1.1e-3, total <= 1.7e-4, grad norm <= 6.4e-4, text <= 8e-8; per tensor, weight drift
     # <= 1.1e-2 of the training update and fixed-batch gradient <= 6e-3 relative.
-    compare(cached, online_run, kd_rtol=3e-3, term_rtol=5e-3, loss_rtol=1e-3, text_rtol=1e-6,
-            norm_rtol=3e-3, tensor_rtol=5e-2)
+    compare(
+        cached,
+        online_run,
+        kd_rtol=3e-3,
+        term_rtol=5e-3,
+        loss_rtol=1e-3,
+        text_rtol=1e-6,
+        norm_rtol=3e-3,
+        tensor_rtol=5e-2,
+    )
 
 
 # -- exact resume through the CLI --------------------------------------------------------------
 def launch(module: str, *argv: str) -> subprocess.Popen:
     # one thread each: two runs go in parallel on small CI machines (and every run uses the same count)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", module, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -290,11 +344,14 @@ def test_cache_with_an_uncommitted_shard(world, tmp_path, capsys):
     assert "1 of 3 shards uncommitted" in err and str(cache) in err and "movekd extract" in err
 
 
-@pytest.mark.parametrize("change, expected", [
-    (["--max-steps", "2", "--set", "mole.rank=8"], "mole.rank: checkpoint=4 now=8"),
-    # extending a run changes its cosine schedule: not an exact continuation, so refused too
-    (["--max-steps", "4"], "optimization.max_steps: checkpoint=2 now=4"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (["--max-steps", "2", "--set", "mole.rank=8"], "mole.rank: checkpoint=4 now=8"),
+        # extending a run changes its cosine schedule: not an exact continuation, so refused too
+        (["--max-steps", "4"], "optimization.max_steps: checkpoint=2 now=4"),
+    ],
+)
 def test_resume_with_an_incompatible_config(world, checkpointed, tmp_path, capsys, change, expected):
     out = tmp_path / "run"
     shutil.copytree(checkpointed, out)
@@ -309,8 +366,14 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     movekd = Path(sys.executable).parent / "movekd"
     cmd = [str(movekd)] if movekd.is_file() else [sys.executable, "-m", "jobs.cli"]
-    proc = subprocess.run([*cmd, "demo", "--out", str(out), "--no-progress"], cwd=ROOT, env=loopback_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [*cmd, "demo", "--out", str(out), "--no-progress"],
+        cwd=ROOT,
+        env=loopback_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = verify_cache(out / "cache", progress=False)
     assert report.ok, report.problems

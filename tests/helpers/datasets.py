@@ -24,7 +24,7 @@ def photo_crops(n: int, size: int = 96) -> list[Image.Image]:
         img = photos[i % len(photos)]
         step = i // len(photos)
         y, x = (7 * step) % (img.shape[0] - size), (11 * step) % (img.shape[1] - size)
-        out.append(Image.fromarray(np.ascontiguousarray(img[y:y + size, x:x + size])))
+        out.append(Image.fromarray(np.ascontiguousarray(img[y : y + size, x : x + size])))
     return out
 
 
@@ -36,11 +36,20 @@ def write_llava(root: str, n: int, text_only: int = 1) -> tuple[str, str]:
     for i, img in enumerate(photo_crops(n)):
         rel = f"coco/{i:06d}.jpg"
         img.save(os.path.join(image_root, rel), quality=90)
-        rows.append({"id": f"r{i}", "image": rel, "conversations": [
-            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": f"Photo {i}."}]})
+        rows.append(
+            {
+                "id": f"r{i}",
+                "image": rel,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is shown?"},
+                    {"from": "gpt", "value": f"Photo {i}."},
+                ],
+            }
+        )
     for j in range(text_only):
-        rows.append({"id": f"t{j}", "conversations": [
-            {"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]})
+        rows.append(
+            {"id": f"t{j}", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]}
+        )
     path = os.path.join(root, "data.json")
     with open(path, "w") as f:
         json.dump(rows, f)

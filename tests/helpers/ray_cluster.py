@@ -39,8 +39,12 @@ def _worker_range_start(taken: set[int], span: int = 200) -> int:
 
 def loopback_env(**extra: str) -> dict[str, str]:
     """Environment for Ray processes that keeps every address on 127.0.0.1."""
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     env.update(extra)
     return env
 
@@ -53,12 +57,35 @@ def ray_cluster(num_cpus: int = 2):
     env = loopback_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     # Ray's AF_UNIX socket paths must stay under 107 bytes: pytest's tmp paths are too long.
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--include-dashboard", "true", "--ray-client-server-port", str(client),
-           "--dashboard-agent-listen-port", str(agent),
-           "--min-worker-port", str(workers), "--max-worker-port", str(workers + 200),
-           "--num-cpus", str(num_cpus), "--temp-dir", str(temp), "--disable-usage-stats"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--include-dashboard",
+        "true",
+        "--ray-client-server-port",
+        str(client),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--min-worker-port",
+        str(workers),
+        "--max-worker-port",
+        str(workers + 200),
+        "--num-cpus",
+        str(num_cpus),
+        "--temp-dir",
+        str(temp),
+        "--disable-usage-stats",
+    ]
     log = open(temp / "start.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"

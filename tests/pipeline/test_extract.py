@@ -52,8 +52,14 @@ FAMILIES = ["eva", "convnext", "sam", "pix2struct", "dinov2", "siglip", "hf_vit"
 @pytest.mark.parametrize("other", FAMILIES)
 @pytest.mark.parametrize("codec", ["int8", "fp16"])
 def test_cached_features_equal_a_direct_forward(tmp_path, tiny_specs, packed, other, codec):
-    cfg = ExtractConfig(packed=packed.root, out=str(tmp_path / "cache"), codec=codec, batch_size=3,
-                        teachers=(tiny_specs["clip"], tiny_specs[other]), progress=False)
+    cfg = ExtractConfig(
+        packed=packed.root,
+        out=str(tmp_path / "cache"),
+        codec=codec,
+        batch_size=3,
+        teachers=(tiny_specs["clip"], tiny_specs[other]),
+        progress=False,
+    )
     extract_all(cfg, packed)
     cache = open_cache(cfg.out)
     keys = packed.keys_in_shard(0) + packed.keys_in_shard(1)
@@ -72,8 +78,13 @@ def test_cached_features_equal_a_direct_forward(tmp_path, tiny_specs, packed, ot
 
 
 def test_no_image_row_holds_the_teachers_output_for_zero_input(tmp_path, tiny_specs, packed):
-    cfg = ExtractConfig(packed=packed.root, out=str(tmp_path / "cache"), codec="fp16",
-                        teachers=(tiny_specs["clip"], tiny_specs["sam"]), progress=False)
+    cfg = ExtractConfig(
+        packed=packed.root,
+        out=str(tmp_path / "cache"),
+        codec="fp16",
+        teachers=(tiny_specs["clip"], tiny_specs["sam"]),
+        progress=False,
+    )
     extract_all(cfg, packed)
     got = open_cache(cfg.out).read(["__no_image__"])
     for name in ("clip", "sam"):
@@ -85,8 +96,12 @@ def test_no_image_row_holds_the_teachers_output_for_zero_input(tmp_path, tiny_sp
 def test_corrupt_image_is_recorded_and_its_row_invalid(tmp_path, tiny_specs):
     packed = pack_crops(str(tmp_path / "data"), n=5, shard_size=4)
     bad = corrupt_member(packed, 0)
-    cfg = ExtractConfig(packed=packed.root, out=str(tmp_path / "cache"),
-                        teachers=(tiny_specs["clip"], tiny_specs["convnext"]), progress=False)
+    cfg = ExtractConfig(
+        packed=packed.root,
+        out=str(tmp_path / "cache"),
+        teachers=(tiny_specs["clip"], tiny_specs["convnext"]),
+        progress=False,
+    )
     worker = ShardExtractor(cfg)
     manifest = _manifest(cfg, packed, worker.describe())
     CacheWriter.create(cfg.out, manifest)
@@ -99,8 +114,12 @@ def test_corrupt_image_is_recorded_and_its_row_invalid(tmp_path, tiny_specs):
 
 
 def test_nonfinite_teacher_output_marks_the_image_failed(tmp_path, tiny_specs, packed, monkeypatch):
-    cfg = ExtractConfig(packed=packed.root, out=str(tmp_path / "cache"),
-                        teachers=(tiny_specs["clip"], tiny_specs["dinov2"]), progress=False)
+    cfg = ExtractConfig(
+        packed=packed.root,
+        out=str(tmp_path / "cache"),
+        teachers=(tiny_specs["clip"], tiny_specs["dinov2"]),
+        progress=False,
+    )
     worker = ShardExtractor(cfg)
     manifest = _manifest(cfg, packed, worker.describe())
     CacheWriter.create(cfg.out, manifest)

@@ -68,8 +68,7 @@ EXPECTED = {  # report category -> paths ("path_rejected" also gets the absolute
     "color_mode": {"c/cmyk.jpg", "c/gray.jpg"},
     "duplicate_content": {"b/astronaut_copy.jpg", "c/link_in.jpg"},
 }
-GOOD = ["a/astronaut.jpg", "a/chelsea.jpg", "b/coffee.jpg", "c/cmyk.jpg", "c/gray.jpg",
-        "c/png_as.jpg"]
+GOOD = ["a/astronaut.jpg", "a/chelsea.jpg", "b/coffee.jpg", "c/cmyk.jpg", "c/gray.jpg", "c/png_as.jpg"]
 
 
 @pytest.fixture(scope="module")
@@ -83,20 +82,39 @@ def dataset(tmp_path_factory):
     os.symlink(base / "outside.jpg", root / "c" / "link_out.jpg")
     os.symlink(root / "a" / "chelsea.jpg", root / "c" / "link_in.jpg")
     absolute = str(root / "b" / "coffee.jpg")
-    rows = [_row("r0", "a/astronaut.jpg"), _row("r1", "./a/astronaut.jpg"),
-            _row("r2", "a/x/../chelsea.jpg"), _row("r3", "b/coffee.jpg"),
-            _row("r4", "b/astronaut_copy.jpg"), _row("r5", "a/missing.jpg"),
-            _row("r6", "b/truncated.jpg"), _row("r7", "c/cmyk.jpg"), _row("r8", "c/gray.jpg"),
-            _row("r9", "c/png_as.jpg"), _row("r10", "../outside.jpg"), _row("r11", absolute),
-            _row("r12", "c/empty.jpg"), _row("r13", "c/link_out.jpg"), _row("r14", "c/link_in.jpg"),
-            _row("t0", question="Tell me a joke."), 17, {"id": "bad", "conversations": "no"},
-            _row("r15", "a/astronaut.jpg"), _row("t1", question="Another text-only question.")]
+    rows = [
+        _row("r0", "a/astronaut.jpg"),
+        _row("r1", "./a/astronaut.jpg"),
+        _row("r2", "a/x/../chelsea.jpg"),
+        _row("r3", "b/coffee.jpg"),
+        _row("r4", "b/astronaut_copy.jpg"),
+        _row("r5", "a/missing.jpg"),
+        _row("r6", "b/truncated.jpg"),
+        _row("r7", "c/cmyk.jpg"),
+        _row("r8", "c/gray.jpg"),
+        _row("r9", "c/png_as.jpg"),
+        _row("r10", "../outside.jpg"),
+        _row("r11", absolute),
+        _row("r12", "c/empty.jpg"),
+        _row("r13", "c/link_out.jpg"),
+        _row("r14", "c/link_in.jpg"),
+        _row("t0", question="Tell me a joke."),
+        17,
+        {"id": "bad", "conversations": "no"},
+        _row("r15", "a/astronaut.jpg"),
+        _row("t1", question="Another text-only question."),
+    ]
     second = [_row("s0", "c/gray.jpg"), _row("s1", "a/astronaut.jpg"), _row("s2")]
     (base / "first.json").write_text(json.dumps(rows, indent=1))
     (base / "second.json").write_text(json.dumps(second))
     expected = {**EXPECTED, "path_rejected": EXPECTED["path_rejected"] | {absolute}}
-    return {"root": str(root), "json": [str(base / "first.json"), str(base / "second.json")],
-            "rows": rows, "second": second, "expected": expected}
+    return {
+        "root": str(root),
+        "json": [str(base / "first.json"), str(base / "second.json")],
+        "rows": rows,
+        "second": second,
+        "expected": expected,
+    }
 
 
 def _pack(ds, out, **kw):
@@ -148,8 +166,9 @@ def test_good_images_packed_once_untouched(clean, dataset):
             for rel in meta["paths"]:
                 with open(os.path.join(dataset["root"], rel), "rb") as f:
                     assert hashlib.sha256(f.read()).hexdigest() == sha
-    assert sorted(p for m in seen.values() for p in m["paths"]) == sorted(GOOD + [
-        "b/astronaut_copy.jpg", "c/link_in.jpg"])
+    assert sorted(p for m in seen.values() for p in m["paths"]) == sorted(
+        GOOD + ["b/astronaut_copy.jpg", "c/link_in.jpg"]
+    )
     png = seen[packed.key_for_path("c/png_as.jpg")]
     assert (png["format"], packed.locate(png["key"])[1].endswith(".png")) == ("PNG", True)
     cmyk = seen[packed.key_for_path("c/cmyk.jpg")]
@@ -201,9 +220,14 @@ def test_stable_across_runs_and_row_order(clean, dataset, tmp_path):
     random.Random(0).shuffle(rows)
     (shuffled / "first.json").write_text(json.dumps(rows))
     (shuffled / "second.json").write_text(json.dumps(dataset["second"]))
-    again = pack_dataset([str(shuffled / "first.json"), str(shuffled / "second.json")],
-                         dataset["root"], str(tmp_path / "out"), shard_size=2, workers=1,
-                         progress=False)
+    again = pack_dataset(
+        [str(shuffled / "first.json"), str(shuffled / "second.json")],
+        dataset["root"],
+        str(tmp_path / "out"),
+        shard_size=2,
+        workers=1,
+        progress=False,
+    )
     assert again.fingerprint == result.fingerprint
     for i in range(result.num_shards):
         assert (tmp_path / "out" / shard_name(i)).read_bytes() == (out / shard_name(i)).read_bytes()
@@ -252,8 +276,7 @@ def test_unrecorded_shard_is_not_complete(clean, dataset, tmp_path, monkeypatch)
 def test_rerun_on_smaller_input_drops_stale_shards(clean, dataset, tmp_path):
     work = tmp_path / "out"
     _pack(dataset, work, workers=1)
-    small = pack_dataset(dataset["json"][1:], dataset["root"], str(work), shard_size=2,
-                         progress=False)
+    small = pack_dataset(dataset["json"][1:], dataset["root"], str(work), shard_size=2, progress=False)
     assert small.num_images == 2 and sorted(os.listdir(work)).count(shard_name(2)) == 0
     packed = PackedDataset(str(work))
     assert packed.files == ["second.json"] and packed.key_for_path("b/coffee.jpg") is None
@@ -287,8 +310,9 @@ def test_cli(dataset, tmp_path, capsys):
     assert "shard_size must be a positive integer" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("raw, norm", [("a/b.jpg", "a/b.jpg"), ("./a//b.jpg", "a/b.jpg"),
-                                       ("a/./c/../b.jpg", "a/b.jpg")])
+@pytest.mark.parametrize(
+    "raw, norm", [("a/b.jpg", "a/b.jpg"), ("./a//b.jpg", "a/b.jpg"), ("a/./c/../b.jpg", "a/b.jpg")]
+)
 def test_normalize_ok(raw, norm):
     assert llava_data.normalize_image_path(raw) == norm
 
@@ -308,11 +332,18 @@ def test_streaming_reader_matches_json_load(dataset, monkeypatch):
     assert rows.images[1] == "a/astronaut.jpg" and rows.images[1] is rows.images[0]
 
 
-@pytest.mark.parametrize("text, msg", [
-    ("{}", "must be a JSON list"), ("[1, 2", "end of file"),
-    ("[1] 2", "after the top-level list"), ("[{]", "at the first row: invalid JSON"),
-    ("[1, 2,]", "after row 1: expected a row"), ("[1 2]", "expected a comma"), ("[,1]", "a row"),
-])
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        ("{}", "must be a JSON list"),
+        ("[1, 2", "end of file"),
+        ("[1] 2", "after the top-level list"),
+        ("[{]", "at the first row: invalid JSON"),
+        ("[1, 2,]", "after row 1: expected a row"),
+        ("[1 2]", "expected a comma"),
+        ("[,1]", "a row"),
+    ],
+)
 def test_malformed_file_is_a_clear_error(tmp_path, text, msg):
     (tmp_path / "bad.json").write_text(text)
     with pytest.raises(ValueError, match=msg):
@@ -320,6 +351,5 @@ def test_malformed_file_is_a_clear_error(tmp_path, text, msg):
 
 
 def test_packing_does_not_import_torch():
-    code = ("import sys, pipeline.packing, pipeline.sample_data, jobs.pack; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    code = "import sys, pipeline.packing, pipeline.sample_data, jobs.pack; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

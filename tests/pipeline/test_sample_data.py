@@ -30,8 +30,7 @@ def sample(tmp_path_factory):
 @pytest.fixture(scope="module")
 def packed(sample, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("packed"))
-    result = pack_dataset(sample["json"], sample["image_root"], out, shard_size=4, workers=2,
-                          progress=False)
+    result = pack_dataset(sample["json"], sample["image_root"], out, shard_size=4, workers=2, progress=False)
     return result, PackedDataset(out)
 
 
@@ -64,8 +63,12 @@ def test_packs_with_expected_report(sample, packed):
         assert report["counts"][key] == expected[key], key
     for cat in ("unreadable", "duplicate_content", "format_mismatch", "color_mode"):
         assert sorted(p["path"] for p in report["problems"][cat]) == sorted(expected[cat]), cat
-    assert set(report["problems"]) == {"unreadable", "duplicate_content", "format_mismatch",
-                                       "color_mode"}  # nothing else is wrong with the sample
+    assert set(report["problems"]) == {
+        "unreadable",
+        "duplicate_content",
+        "format_mismatch",
+        "color_mode",
+    }  # nothing else is wrong with the sample
     assert ds.num_images == expected["unique_images"] == result.num_images
     assert ds.num_shards == -(-ds.num_images // 4)
 

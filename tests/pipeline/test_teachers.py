@@ -76,10 +76,10 @@ def expected_tokens(family: str, spec: TeacherSpec, x: torch.Tensor) -> torch.Te
         return pix2struct_reference(spec, x)
     if family == "eva":
         model = timm_model(spec, "eva02_large_patch14_224", img_size=spec.resolution)
-        return output_of(model.blocks[-1], lambda: model.forward_features(x))[:, model.num_prefix_tokens:]
+        return output_of(model.blocks[-1], lambda: model.forward_features(x))[:, model.num_prefix_tokens :]
     if family == "timm":
         model = timm_model(spec, "vit_small_patch16_224")
-        return output_of(model.blocks[-1], lambda: model.forward_features(x))[:, model.num_prefix_tokens:]
+        return output_of(model.blocks[-1], lambda: model.forward_features(x))[:, model.num_prefix_tokens :]
     if family == "convnext":
         model = timm_model(spec, "convnext_xxlarge")
         return model.forward_features(x).flatten(2).transpose(1, 2)  # norm_pre is Identity: stage-4 output
@@ -191,8 +191,9 @@ def test_resample_area_and_bilinear(tiny, photos, family):
 
 def test_clip_teacher_refuses_resampling(tiny):
     with pytest.raises(ValueError, match="cls_attn"):
-        build_teacher(TeacherSpec(name="clip", family="clip", source=tiny["clip"].source,
-                                  resample="area", resample_grid=(2, 2)))
+        build_teacher(
+            TeacherSpec(name="clip", family="clip", source=tiny["clip"].source, resample="area", resample_grid=(2, 2))
+        )
 
 
 def test_full_checkpoint_layouts_load_their_vision_tower(tmp_path, photos):
@@ -201,22 +202,50 @@ def test_full_checkpoint_layouts_load_their_vision_tower(tmp_path, photos):
 
     torch.manual_seed(0)
     vit = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     models = {
         "clip": tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config={**vit, "image_size": 32, "patch_size": 8})),
-        "sam": tf.SamModel(tf.SamConfig(vision_config=dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
-            output_channels=16, window_size=2, global_attn_indexes=[1], mlp_dim=64))),
-        "pix2struct": tf.Pix2StructForConditionalGeneration(tf.Pix2StructConfig(
-            vision_config=dict(hidden_size=32, patch_embed_hidden_size=192, d_ff=64, d_kv=16,
-                               num_hidden_layers=2, num_attention_heads=2),
-            text_config=dict(vocab_size=64, hidden_size=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2))),
+        "sam": tf.SamModel(
+            tf.SamConfig(
+                vision_config=dict(
+                    hidden_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    image_size=32,
+                    patch_size=8,
+                    output_channels=16,
+                    window_size=2,
+                    global_attn_indexes=[1],
+                    mlp_dim=64,
+                )
+            )
+        ),
+        "pix2struct": tf.Pix2StructForConditionalGeneration(
+            tf.Pix2StructConfig(
+                vision_config=dict(
+                    hidden_size=32,
+                    patch_embed_hidden_size=192,
+                    d_ff=64,
+                    d_kv=16,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                ),
+                text_config=dict(vocab_size=64, hidden_size=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2),
+            )
+        ),
     }
     for family, model in models.items():
         model.eval().save_pretrained(tmp_path / family)
-        teacher = build_teacher(TeacherSpec(name=family, family=family, source=str(tmp_path / family),
-                                            resolution=32))
+        teacher = build_teacher(TeacherSpec(name=family, family=family, source=str(tmp_path / family), resolution=32))
         x = pixels_for(teacher, photos)
         with torch.no_grad():
             if family == "clip":
@@ -259,9 +288,12 @@ def test_spec_round_trip_and_validation(tiny):
     assert TeacherSpec.from_dict(spec.to_dict()) == spec
     assert TeacherSpec.from_dict({**spec.to_dict(), "resample_grid": [6, 6]}).resample_grid == (6, 6)
     bad = [
-        ({"aspect": "stretch"}, "aspect"), ({"resample": "nearest"}, "resample"),
-        ({"compute_dtype": "int8"}, "compute_dtype"), ({"resample_grid": (0, 4)}, "resample_grid"),
-        ({"name": "a/b"}, "name"), ({"model_kwargs": {"f": object()}}, "JSON"),
+        ({"aspect": "stretch"}, "aspect"),
+        ({"resample": "nearest"}, "resample"),
+        ({"compute_dtype": "int8"}, "compute_dtype"),
+        ({"resample_grid": (0, 4)}, "resample_grid"),
+        ({"name": "a/b"}, "name"),
+        ({"model_kwargs": {"f": object()}}, "JSON"),
     ]
     for change, match in bad:
         with pytest.raises(ValueError, match=match):

@@ -67,6 +67,7 @@ def _data(kind: str, shape, seed: int = 0) -> np.ndarray:
 
 # -- bit-identity ----------------------------------------------------------------------------
 
+
 def test_every_numpy_preset_has_a_torch_encoder():
     assert [c for c in list_codecs() if not torch_codecs.has_torch_encoder(c)] == []
 
@@ -134,15 +135,21 @@ def test_empty_batches_and_non_float32_inputs(codec):
 
 @pytest.mark.parametrize("codec", list_codecs())
 @PROPS
-@given(batch=st.integers(0, 3), tokens=st.integers(1, 12), channels=st.sampled_from([64, 128, 192, 320, 1024]),
-       log10_scale=st.floats(-44, 38), dist=st.sampled_from(["gaussian", "heavy", "outlier_channels"]),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    batch=st.integers(0, 3),
+    tokens=st.integers(1, 12),
+    channels=st.sampled_from([64, 128, 192, 320, 1024]),
+    log10_scale=st.floats(-44, 38),
+    dist=st.sampled_from(["gaussian", "heavy", "outlier_channels"]),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_bit_identical_property(codec, batch, tokens, channels, log10_scale, dist, seed):
     x = _data(dist, (batch, tokens, channels), seed) * 10.0**log10_scale
     assert_same(codec, np.clip(x, -F32_MAX, F32_MAX))
 
 
 # -- errors ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("codec", list_codecs())
@@ -167,6 +174,7 @@ def test_shape_errors_name_the_problem():
 
 
 # -- the subtle parts ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sum_follows_numpys_pairwise_order(device):
@@ -204,10 +212,12 @@ def test_unknown_presets_fall_back_to_numpy_with_one_log_line(monkeypatch, caplo
         for _ in range(2):
             assert_bits(encode_torch("int8", torch.from_numpy(x)), get_codec("int8").encode(x), "int8")
     assert [r.getMessage() for r in caplog.records] == [
-        "codec int8 has no torch encoder; encoding it with numpy on the host"]
+        "codec int8 has no torch encoder; encoding it with numpy on the host"
+    ]
 
 
 # -- round trip ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("codec", list_codecs())
@@ -225,6 +235,7 @@ def test_roundtrip_through_numpy_decode_meets_the_documented_bound(codec, device
 
 
 # -- the extraction worker -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("codec", ["int8", "bf16", "int4"])
 def test_worker_marks_nonfinite_rows_failed_and_stores_them_as_zeros(codec):

@@ -30,25 +30,43 @@ VISION_DIM, TOKENS, PAD_ID, ANSWER = 32, 16, 3, 6  # tiny CLIP: 56 px / 14 px = 
 
 def entry(name: str, grid: tuple[int, int], channels: int) -> TeacherEntry:
     return TeacherEntry(
-        name=name, family=name, source=f"test/{name}", weights_fingerprint="0", layer="-2",
-        tokens=grid[0] * grid[1], grid=grid, channels=channels, compute_dtype="float32",
-        preprocess=PreprocessSpec(resolution=56), codec="raw",
+        name=name,
+        family=name,
+        source=f"test/{name}",
+        weights_fingerprint="0",
+        layer="-2",
+        tokens=grid[0] * grid[1],
+        grid=grid,
+        channels=channels,
+        compute_dtype="float32",
+        preprocess=PreprocessSpec(resolution=56),
+        codec="raw",
     )
 
 
 def tiny_manifest(teachers=("clip", "eva", "convnext")) -> CacheManifest:
-    all_entries = {"clip": entry("clip", (4, 4), VISION_DIM), "eva": entry("eva", (8, 8), 12),
-                   "convnext": entry("convnext", (4, 4), 24)}
-    return CacheManifest(teachers=tuple(all_entries[t] for t in teachers), num_shards=1, shard_size=64,
-                         dataset_fingerprint="test", cls_teacher="clip", created="2025-01-01T00:00:00+00:00",
-                         package_version="test")
+    all_entries = {
+        "clip": entry("clip", (4, 4), VISION_DIM),
+        "eva": entry("eva", (8, 8), 12),
+        "convnext": entry("convnext", (4, 4), 24),
+    }
+    return CacheManifest(
+        teachers=tuple(all_entries[t] for t in teachers),
+        num_shards=1,
+        shard_size=64,
+        dataset_fingerprint="test",
+        cls_teacher="clip",
+        created="2025-01-01T00:00:00+00:00",
+        package_version="test",
+    )
 
 
 class RandomDistillDataset(Dataset):
     """``n`` deterministic random rows (row i depends only on (seed, i mod distinct))."""
 
-    def __init__(self, n: int, manifest: CacheManifest, seed: int = 0, distinct: int | None = None,
-                 text_only_every: int = 4) -> None:
+    def __init__(
+        self, n: int, manifest: CacheManifest, seed: int = 0, distinct: int | None = None, text_only_every: int = 4
+    ) -> None:
         self.n, self.manifest, self.seed = n, manifest, seed
         self.distinct, self.text_only_every = distinct or n, text_only_every
 
@@ -71,9 +89,16 @@ class RandomDistillDataset(Dataset):
         labels = torch.cat([torch.full((ids.numel() - ANSWER,), IGNORE_INDEX), answer])
         pixels = torch.randn(3, 56, 56, generator=g) if image else torch.zeros(3, 56, 56)
         targets = {t.name: torch.randn(t.tokens, t.channels, generator=g) for t in self.manifest.teachers}
-        return {"input_ids": ids, "labels": labels, "pixel_values": pixels, "has_image": torch.tensor(image),
-                "targets": targets, "cls_state": torch.randn(VISION_DIM, generator=g),
-                "cls_attn": torch.rand(TOKENS, generator=g) / TOKENS, "key": f"row{j}"}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "pixel_values": pixels,
+            "has_image": torch.tensor(image),
+            "targets": targets,
+            "cls_state": torch.randn(VISION_DIM, generator=g),
+            "cls_attn": torch.rand(TOKENS, generator=g) / TOKENS,
+            "key": f"row{j}",
+        }
 
 
 def collate_fn(samples: list[dict]) -> dict:
@@ -89,8 +114,9 @@ class BlockSampler:
     """Epoch order = seeded permutation (or identity); rank r takes blocks r, r+W, r+2W... of
     ``block`` indices, so W ranks with batch ``block`` see exactly one rank's batch ``W*block``."""
 
-    def __init__(self, n: int, block: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self, n: int, block: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True
+    ) -> None:
         self.n, self.block, self.rank, self.world = n, block, rank, world_size
         self.seed, self.shuffle, self.epoch = seed, shuffle, 0
 
@@ -101,11 +127,14 @@ class BlockSampler:
         return self.n // (self.block * self.world) * self.block
 
     def __iter__(self):
-        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-                 if self.shuffle else torch.arange(self.n))
+        order = (
+            torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            if self.shuffle
+            else torch.arange(self.n)
+        )
         for k in range(len(self) // self.block):
             start = (k * self.world + self.rank) * self.block
-            yield from order[start:start + self.block].tolist()
+            yield from order[start : start + self.block].tolist()
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch}
@@ -121,15 +150,26 @@ def make_sampler(kind: str, dataset, batch: int, rank: int = 0, world_size: int 
         return BlockSampler(len(dataset), batch, rank=rank, world_size=world_size, seed=seed)
     from student.sampler import DistributedLengthGroupedSampler
 
-    return DistributedLengthGroupedSampler.from_dataset(dataset, batch, grouping=kind, rank=rank,
-                                                        world_size=world_size, seed=seed)
+    return DistributedLengthGroupedSampler.from_dataset(
+        dataset, batch, grouping=kind, rank=rank, world_size=world_size, seed=seed
+    )
 
 
 def tiny_config(parts, out_dir, **overrides) -> TrainConfig:
     base = dict(
-        vision_tower=str(parts.vision), llm=str(parts.llm), tokenizer=str(parts.tokenizer),
-        output_dir=str(out_dir), batch_size=4, lr=5e-3, warmup_ratio=0.1, num_workers=0, progress_bar=False,
-        save_every=1000, gradient_checkpointing=False, mole=MoLEConfig(rank=4), bf16=False,
+        vision_tower=str(parts.vision),
+        llm=str(parts.llm),
+        tokenizer=str(parts.tokenizer),
+        output_dir=str(out_dir),
+        batch_size=4,
+        lr=5e-3,
+        warmup_ratio=0.1,
+        num_workers=0,
+        progress_bar=False,
+        save_every=1000,
+        gradient_checkpointing=False,
+        mole=MoLEConfig(rank=4),
+        bf16=False,
     )
     base.update(overrides)
     return preset(base.pop("stage", "pretrain"), **base)
@@ -172,8 +212,9 @@ def ddp_worker(rank: int, world_size: int, port: int, spec: dict) -> None:
         dataset = RandomDistillDataset(spec["n"], manifest, seed=spec["data_seed"])
         for stop_after, resume in spec.get("phases", [[None, False]]):  # [[2, False], [None, True]]: cut, resume
             model = build_student(cfg, manifest)  # everything fresh per phase
-            sampler = make_sampler(spec.get("sampler", "block"), dataset, cfg.batch_size, rank, world_size,
-                                   spec["data_seed"])
+            sampler = make_sampler(
+                spec.get("sampler", "block"), dataset, cfg.batch_size, rank, world_size, spec["data_seed"]
+            )
             trainer = Trainer(cfg, model, dataset, collate_fn, sampler, rank=rank, world_size=world_size)
             trainer.train(resume=resume, stop_after=stop_after)
         from student.checkpoint import gather_weights

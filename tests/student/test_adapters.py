@@ -17,9 +17,19 @@ D, N = 8, 576  # small student width keeps the 4096 -> 576 token map cheap
 
 def entry(name, grid, channels, resample="none", native_grid=None):
     return TeacherEntry(
-        name=name, family=name, source=f"test/{name}", weights_fingerprint="0", layer="-2",
-        tokens=grid[0] * grid[1], grid=grid, channels=channels, compute_dtype="float32",
-        preprocess=PreprocessSpec(resolution=336), codec="raw", resample=resample, native_grid=native_grid,
+        name=name,
+        family=name,
+        source=f"test/{name}",
+        weights_fingerprint="0",
+        layer="-2",
+        tokens=grid[0] * grid[1],
+        grid=grid,
+        channels=channels,
+        compute_dtype="float32",
+        preprocess=PreprocessSpec(resolution=336),
+        codec="raw",
+        resample=resample,
+        native_grid=native_grid,
     )
 
 
@@ -82,8 +92,9 @@ def test_explicit_kinds():
 
 
 def test_from_manifest_and_apply():
-    manifest = CacheManifest(teachers=tuple(ALL), num_shards=1, shard_size=4, dataset_fingerprint="x",
-                             cls_teacher="clip")
+    manifest = CacheManifest(
+        teachers=tuple(ALL), num_shards=1, shard_size=4, dataset_fingerprint="x", cls_teacher="clip"
+    )
     adapters = adapters_from_manifest(manifest, student_dim=D, student_tokens=N)
     feats = {t.name: torch.randn(2, t.tokens, t.channels) for t in ALL}
     out = apply_adapters(adapters, feats)

@@ -21,7 +21,12 @@ from student.mole import MoLEConfig
 from student.tiny import make_tiny_llava_parts
 from student.trainer import Trainer
 from tests.student._trainer_fixtures import (
-    RandomDistillDataset, collate_fn, full_state, make_sampler, tiny_config, tiny_manifest,
+    RandomDistillDataset,
+    collate_fn,
+    full_state,
+    make_sampler,
+    tiny_config,
+    tiny_manifest,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,12 +76,25 @@ def test_resume_in_a_new_process_is_exact(parts, tmp_path, sampler):
     else:
         assert (saved["epoch"], saved["cursor"], saved["grouping"]) == (1, 8, "modality_length")
     before = _log(tmp_path / "cut")
-    spec = {"config": cut_cfg.to_dict(), "teachers": ["clip", "eva", "convnext"], "n": N, "data_seed": 0,
-            "resume": True, "dump": str(tmp_path / "resumed.safetensors"), "sampler": sampler}
+    spec = {
+        "config": cut_cfg.to_dict(),
+        "teachers": ["clip", "eva", "convnext"],
+        "n": N,
+        "data_seed": 0,
+        "resume": True,
+        "dump": str(tmp_path / "resumed.safetensors"),
+        "sampler": sampler,
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tests.student._trainer_fixtures", str(tmp_path / "spec.json")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.student._trainer_fixtures", str(tmp_path / "spec.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     got_log = _log(tmp_path / "cut")
@@ -90,8 +108,11 @@ def test_resume_in_a_new_process_is_exact(parts, tmp_path, sampler):
     for name, value in want_state.items():
         assert torch.equal(value, got_state[name]), name
     init = full_state(build_student(cfg, tiny_manifest()))
-    for name in ("llava.projector.0.weight", "adapters.eva.token_proj.weight",
-                 "llava.vision_tower.encoder.layers.0.mlp.lora_fc1.A"):
+    for name in (
+        "llava.projector.0.weight",
+        "adapters.eva.token_proj.weight",
+        "llava.vision_tower.encoder.layers.0.mlp.lora_fc1.A",
+    ):
         assert not torch.equal(init[name], want_state[name]), name  # trained: equality is not vacuous
 
 
@@ -118,13 +139,16 @@ def test_partial_saves_are_ignored_and_cleaned(parts, tmp_path):
     assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("change,fields", [
-    (dict(mole=MoLEConfig(rank=8)), ["mole.rank", "parameters."]),
-    (dict(teachers=("clip", "eva")), ["teachers", "parameters.adapters.convnext"]),
-    (dict(stage="finetune"), ["stage", "parameters.llava.llm"]),
-    (dict(lr=1e-4), ["optimization.lr"]),
-    ("n=24", ["samples_per_epoch"]),  # a different dataset
-])
+@pytest.mark.parametrize(
+    "change,fields",
+    [
+        (dict(mole=MoLEConfig(rank=8)), ["mole.rank", "parameters."]),
+        (dict(teachers=("clip", "eva")), ["teachers", "parameters.adapters.convnext"]),
+        (dict(stage="finetune"), ["stage", "parameters.llava.llm"]),
+        (dict(lr=1e-4), ["optimization.lr"]),
+        ("n=24", ["samples_per_epoch"]),  # a different dataset
+    ],
+)
 def test_incompatible_checkpoint_names_the_fields(parts, tmp_path, change, fields):
     cfg = tiny_config(parts, tmp_path, max_steps=1)
     _trainer(cfg).train()

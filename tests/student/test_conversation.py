@@ -164,9 +164,7 @@ def test_truncation_refuses_to_cut_the_image(tok):
     # <image> moves to the front of its own turn, so put it in a later turn behind a long one.
     late = chat(("Long question " * 30, "ok"), ("<image>\nQ2", "A2"))
     with pytest.raises(ConversationTooLong, match="row late.*image tokens"):
-        tokenize_conversation(
-            late, tok, "vicuna_v1", True, 80, num_image_tokens=N_IMG, row_id="late"
-        )
+        tokenize_conversation(late, tok, "vicuna_v1", True, 80, num_image_tokens=N_IMG, row_id="late")
 
 
 def test_truncation_refuses_rows_with_nothing_supervised(tok):

@@ -61,8 +61,10 @@ def images(built):
 
 def make_records(manifest) -> list[ConversationRecord]:
     keys = [k for s in range(manifest.num_shards) for k in synth.shard_keys(manifest, s)]
-    recs = [ConversationRecord(f"r{i}", "toy.json", i, chat("What is in the image?", f"A cat number {i}."), k)
-            for i, k in enumerate(keys)]
+    recs = [
+        ConversationRecord(f"r{i}", "toy.json", i, chat("What is in the image?", f"A cat number {i}."), k)
+        for i, k in enumerate(keys)
+    ]
     n = len(recs)
     recs += [
         ConversationRecord("t0", "toy.json", n, chat("Tell me a joke.", "No.", image=False)),
@@ -78,8 +80,9 @@ def build(built, images, tok, records=None, **kw):
     path, manifest = built
     kw.setdefault("preprocess", SPEC)
     kw.setdefault("max_length", 128)
-    return DistillDataset(records if records is not None else make_records(manifest), DictLoader(images),
-                          open_cache(path), tok, **kw)
+    return DistillDataset(
+        records if records is not None else make_records(manifest), DictLoader(images), open_cache(path), tok, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +113,15 @@ def test_items_equal_cache_preprocess_and_tokenizer(ds, built, images, tok):
             np.testing.assert_array_equal(s["targets"][t.name].numpy(), feats[key][t.name])
         np.testing.assert_array_equal(s["cls_state"].numpy(), aux[key][0])
         np.testing.assert_array_equal(s["cls_attn"].numpy(), aux[key][1])
-        want = tokenize_conversation(rec.conversations, tok, "vicuna_v1", has_image=rec.image_key is not None,
-                                     max_length=128, num_image_tokens=16, row_id=rec.row_id)
+        want = tokenize_conversation(
+            rec.conversations,
+            tok,
+            "vicuna_v1",
+            has_image=rec.image_key is not None,
+            max_length=128,
+            num_image_tokens=16,
+            row_id=rec.row_id,
+        )
         assert torch.equal(s["input_ids"], want["input_ids"]) and torch.equal(s["labels"], want["labels"])
         assert s["pixel_values"].shape == (3, 56, 56) and s["pixel_values"].dtype == torch.float32
         if rec.image_key is not None:
@@ -174,8 +184,13 @@ def test_teacher_subset(built, images, tok):
 
 def _loader_batches(ds, tok, workers):
     sampler = DistributedLengthGroupedSampler.from_dataset(ds, 3, grouping="modality_length", seed=1)
-    dl = torch.utils.data.DataLoader(ds, batch_size=3, sampler=sampler, num_workers=workers,
-                                     collate_fn=functools.partial(collate_distill, pad_token_id=tok.pad_token_id))
+    dl = torch.utils.data.DataLoader(
+        ds,
+        batch_size=3,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=functools.partial(collate_distill, pad_token_id=tok.pad_token_id),
+    )
     return list(dl)
 
 
@@ -190,9 +205,14 @@ def test_dataloader_workers_give_identical_batches(ds, tok):
 
 
 # -- clear errors ------------------------------------------------------------------------------
-@pytest.mark.parametrize("field,value,shown", [("aspect", "pad", ["'pad'", "'square'"]),
-                                               ("resolution", 64, ["64", "56"]),
-                                               ("interpolation", "bilinear", ["'bilinear'", "'bicubic'"])])
+@pytest.mark.parametrize(
+    "field,value,shown",
+    [
+        ("aspect", "pad", ["'pad'", "'square'"]),
+        ("resolution", 64, ["64", "56"]),
+        ("interpolation", "bilinear", ["'bilinear'", "'bicubic'"]),
+    ],
+)
 def test_preprocess_mismatch_names_field_and_both_values(built, images, tok, field, value, shown):
     spec = PreprocessSpec(**{**SPEC.to_dict(), field: value})
     with pytest.raises(ValueError, match=f"preprocess.{field}") as e:
@@ -201,8 +221,10 @@ def test_preprocess_mismatch_names_field_and_both_values(built, images, tok, fie
 
 
 def test_aspect_checked_against_every_teacher(tmp_path, images, tok):
-    teachers = [synth.make_teacher("clip", (4, 4), 64, "bf16", 56),
-                synth.make_teacher("eva", (8, 8), 32, "int8", preprocess=PreprocessSpec(112, aspect="pad"))]
+    teachers = [
+        synth.make_teacher("clip", (4, 4), 64, "bf16", 56),
+        synth.make_teacher("eva", (8, 8), 32, "int8", preprocess=PreprocessSpec(112, aspect="pad")),
+    ]
     m = synth.make_manifest(teachers=teachers, cls_teacher=None)
     synth.build_cache(str(tmp_path / "c"), m)
     with pytest.raises(ValueError, match=r"preprocess.aspect: student='square'.*'eva'='pad'"):
@@ -265,6 +287,12 @@ def test_token_count_precheck_matches_the_tokenizer(ds, tok):
     for i in range(len(ds)):
         rec = ds.record(i)
         prompt, _ = render(rec.conversations, "vicuna_v1", rec.image_key is not None)
-        want = tokenize_conversation(rec.conversations, tok, "vicuna_v1", has_image=rec.image_key is not None,
-                                     max_length=10_000, num_image_tokens=16)
+        want = tokenize_conversation(
+            rec.conversations,
+            tok,
+            "vicuna_v1",
+            has_image=rec.image_key is not None,
+            max_length=10_000,
+            num_image_tokens=16,
+        )
         assert ds._token_counts([prompt]) == [want["input_ids"].shape[0]]

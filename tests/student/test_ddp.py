@@ -23,7 +23,12 @@ from student.mole import MoLEConfig
 from student.tiny import make_tiny_llava_parts
 from student.trainer import Trainer
 from tests.student._trainer_fixtures import (
-    RandomDistillDataset, collate_fn, ddp_worker, make_sampler, tiny_config, tiny_manifest,
+    RandomDistillDataset,
+    collate_fn,
+    ddp_worker,
+    make_sampler,
+    tiny_config,
+    tiny_manifest,
 )
 
 TEACHERS, N, PER_RANK = ("clip", "eva"), 24, 2
@@ -60,8 +65,15 @@ def _single(cfg):
 
 def _spawn(cfg, dump, **extra):
     """Two gloo ranks; the worker plays the jobs layer (MASTER_ADDR=127.0.0.1, a free port)."""
-    spec = {"config": cfg.to_dict(), "teachers": list(TEACHERS), "n": N, "data_seed": 0, "dump": str(dump),
-            "sampler": SAMPLER, **extra}
+    spec = {
+        "config": cfg.to_dict(),
+        "teachers": list(TEACHERS),
+        "n": N,
+        "data_seed": 0,
+        "dump": str(dump),
+        "sampler": SAMPLER,
+        **extra,
+    }
     mp.spawn(ddp_worker, args=(2, _free_port(), spec), nprocs=2, join=True)
     return _log(Path(cfg.output_dir)), load_file(str(dump))
 
@@ -88,8 +100,15 @@ def _assert_same(single, multi):
 
 
 def _cfgs(parts, tmp_path, strategy):
-    common = {"mole": MoLEConfig(rank=4, dropout=0.0), "grad_accum": 2, "max_steps": 3, "stage": "finetune",
-              "lr": 1e-3, "distributed": strategy, "gradient_checkpointing": True}
+    common = {
+        "mole": MoLEConfig(rank=4, dropout=0.0),
+        "grad_accum": 2,
+        "max_steps": 3,
+        "stage": "finetune",
+        "lr": 1e-3,
+        "distributed": strategy,
+        "gradient_checkpointing": True,
+    }
     two = tiny_config(parts, tmp_path / strategy, batch_size=PER_RANK, **common)
     return tiny_config(parts, tmp_path / "one", batch_size=2 * PER_RANK, **common), two
 

@@ -72,9 +72,7 @@ def test_from_pretrained_loads_saved_tiny_models(parts, model, tmp_path):
     saved = CLIPVisionModel.from_pretrained(parts.vision)
     for name, value in saved.state_dict().items():
         assert torch.equal(model.vision_tower.state_dict()[name], value)
-    assert model.llm.get_input_embeddings().num_embeddings == len(
-        AutoTokenizer.from_pretrained(parts.tokenizer)
-    )
+    assert model.llm.get_input_embeddings().num_embeddings == len(AutoTokenizer.from_pretrained(parts.tokenizer))
     again = make_tiny_clip_vision(tmp_path / "again")  # seeded: same weights twice
     twin = CLIPVisionModel.from_pretrained(again).state_dict()
     assert all(torch.equal(twin[k], v) for k, v in saved.state_dict().items())
@@ -181,12 +179,18 @@ def test_collate_pads_right():
 
 def test_end_to_end_rows_to_loss(model, tok):
     rows = [
-        {"id": "a", "image": "x.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is in the image?"},
-            {"from": "gpt", "value": "A cat on a sofa."}]},
-        {"id": "b", "conversations": [
-            {"from": "human", "value": "How many dogs are there?"},
-            {"from": "gpt", "value": "Two."}]},
+        {
+            "id": "a",
+            "image": "x.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is in the image?"},
+                {"from": "gpt", "value": "A cat on a sofa."},
+            ],
+        },
+        {
+            "id": "b",
+            "conversations": [{"from": "human", "value": "How many dogs are there?"}, {"from": "gpt", "value": "Two."}],
+        },
     ]
     samples = [tokenize_row(r, tok, "vicuna_v1", num_image_tokens=GRID) for r in rows]
     for s, r in zip(samples, rows):

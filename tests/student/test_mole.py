@@ -17,8 +17,9 @@ from student.mole import (
     mole_routing_stats,
 )
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-            image_size=56, patch_size=14)
+TINY = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=56, patch_size=14
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,12 @@ def softmax(v):
 def expert(lora, e):
     """Expert e's (A, a_bias, B, b_bias) under the documented stacked layout."""
     r = lora.rank
-    return (np_(lora.A[e * r:(e + 1) * r]), np_(lora.a_bias[e * r:(e + 1) * r]),
-            np_(lora.B[:, e * r:(e + 1) * r]), np_(lora.b_bias[e]))
+    return (
+        np_(lora.A[e * r : (e + 1) * r]),
+        np_(lora.a_bias[e * r : (e + 1) * r]),
+        np_(lora.B[:, e * r : (e + 1) * r]),
+        np_(lora.b_bias[e]),
+    )
 
 
 def manual_mlp(mlp: MoLEMLP, x: np.ndarray, e: int, gate: float) -> np.ndarray:

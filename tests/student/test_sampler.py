@@ -8,6 +8,8 @@ import torch
 
 from student.sampler import (
     DistributedLengthGroupedSampler as Sampler,
+)
+from student.sampler import (
     length_grouped_indices,
     split_to_even_chunks,
 )
@@ -50,8 +52,9 @@ def test_ranks_partition_and_cover(grouping, world):
     flat = [i for o in orders for i in o]
     assert set(flat) == set(range(N))  # every row, a few repeated to fill the last step
     assert len(flat) - N == len(flat) - len(set(flat)) < world * 3
-    dropped = [list(make(grouping, world_size=world, rank=r, batch_size=3, seed=1, drop_last=True))
-               for r in range(world)]
+    dropped = [
+        list(make(grouping, world_size=world, rank=r, batch_size=3, seed=1, drop_last=True)) for r in range(world)
+    ]
     flat = [i for o in dropped for i in o]
     assert len(flat) == len(set(flat)) == N // (world * 3) * world * 3  # disjoint
 
@@ -63,7 +66,7 @@ def test_exact_partition_when_divisible():
 
 
 def _megabatches(order, size):
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def test_modality_grouping_separates_image_and_text_only_rows():
@@ -74,15 +77,15 @@ def test_modality_grouping_separates_image_and_text_only_rows():
     assert sorted(order) == list(range(N))
     n_image = sum(HAS_IMAGE)
     leftover = (n_image - 1) % size + 1 + (N - n_image - 1) % size + 1  # LLaVA's last, mixed megabatch
-    pure = order[:N - leftover]
+    pure = order[: N - leftover]
     kinds = [{HAS_IMAGE[i] for i in m} for m in _megabatches(pure, size)]
     assert all(len(k) == 1 for k in kinds) and {False} in kinds and {True} in kinds
-    assert order[N - leftover:] == sorted(order[N - leftover:])  # LLaVA sorts the leftover
+    assert order[N - leftover :] == sorted(order[N - leftover :])  # LLaVA sorts the leftover
     for r in range(world):  # each rank's batches from pure megabatches are pure
         mine = list(make(world_size=world, rank=r, batch_size=batch, seed=5))
-        for b in _megabatches(mine, batch)[:len(pure) // size]:
+        for b in _megabatches(mine, batch)[: len(pure) // size]:
             assert len({HAS_IMAGE[i] for i in b}) == 1
-        assert set(mine[:len(pure) // world]) <= set(pure)
+        assert set(mine[: len(pure) // world]) <= set(pure)
 
 
 def test_length_grouping_balances_chunks():

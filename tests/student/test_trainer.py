@@ -14,11 +14,15 @@ from student.config import TrainConfig, preset
 from student.kd_loss import KDConfig
 from student.model import build_student, set_trainable
 from student.mole import MoLEConfig
+from student.tiny import make_tiny_llava_parts
 from student.trainable import names_by_category
 from student.trainer import Trainer
-from student.tiny import make_tiny_llava_parts
 from tests.student._trainer_fixtures import (
-    BlockSampler, RandomDistillDataset, collate_fn, tiny_config, tiny_manifest,
+    BlockSampler,
+    RandomDistillDataset,
+    collate_fn,
+    tiny_config,
+    tiny_manifest,
 )
 
 
@@ -57,11 +61,16 @@ def _matching(names, patterns):
     return {n for n in names if any(re.fullmatch(p, n) for p in patterns)}
 
 
-STAGE1 = [r"llava\.vision_tower\.encoder\.layers\.0\.mlp\.(router|lora_fc1|lora_fc2)\..*",
-          r"llava\.vision_tower\.encoder\.layers\.1\.mlp\.router\..*",  # live through the balance loss
-          r"llava\.projector\..*", r"adapters\..*"]
-DEAD = [r"llava\.vision_tower\.encoder\.layers\.1\.mlp\.(fc1|fc2|lora_fc1|lora_fc2)\..*",
-        r"llava\.vision_tower\.post_layernorm\..*"]
+STAGE1 = [
+    r"llava\.vision_tower\.encoder\.layers\.0\.mlp\.(router|lora_fc1|lora_fc2)\..*",
+    r"llava\.vision_tower\.encoder\.layers\.1\.mlp\.router\..*",  # live through the balance loss
+    r"llava\.projector\..*",
+    r"adapters\..*",
+]
+DEAD = [
+    r"llava\.vision_tower\.encoder\.layers\.1\.mlp\.(fc1|fc2|lora_fc1|lora_fc2)\..*",
+    r"llava\.vision_tower\.post_layernorm\..*",
+]
 
 
 @pytest.mark.parametrize("stage,tune_base", [("pretrain", False), ("finetune", True), ("finetune", False)])
@@ -97,23 +106,50 @@ def test_dead_parameters_are_exactly_those_autograd_never_reaches(parts, tmp_pat
 def _run(parts, out, manifest, n, distinct=None, shuffle=True, **overrides):
     cfg = tiny_config(parts, out, **overrides)
     model = build_student(cfg, manifest)
-    trainer = Trainer(cfg, model, RandomDistillDataset(n, manifest, distinct=distinct), collate_fn,
-                      BlockSampler(n, cfg.batch_size, shuffle=shuffle))
+    trainer = Trainer(
+        cfg,
+        model,
+        RandomDistillDataset(n, manifest, distinct=distinct),
+        collate_fn,
+        BlockSampler(n, cfg.batch_size, shuffle=shuffle),
+    )
     trainer.train()
     return trainer, [json.loads(line) for line in trainer.log_path.read_text().splitlines()]
 
 
 def test_loss_decreases_on_a_fixed_batch_and_logs_every_part(parts, tmp_path):
     manifest = tiny_manifest()
-    trainer, log = _run(parts, tmp_path / "run", manifest, n=40, distinct=4, shuffle=False,
-                        lr=1e-2, warmup_ratio=0.0, gradient_checkpointing=True)
+    trainer, log = _run(
+        parts,
+        tmp_path / "run",
+        manifest,
+        n=40,
+        distinct=4,
+        shuffle=False,
+        lr=1e-2,
+        warmup_ratio=0.0,
+        gradient_checkpointing=True,
+    )
     assert trainer.model.llava.gradient_checkpointing
     assert [r["step"] for r in log] == list(range(1, 11))
     losses = [r["loss"] for r in log]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses  # same batch every step: monotone
     assert log[-1]["loss/kd"] < 0.95 * log[0]["loss/kd"] and log[-1]["loss/text"] < 0.98 * log[0]["loss/text"]
-    required = {"loss", "loss/text", "loss/balance", "loss/kd", "lr", "grad_norm", "tokens_per_s",
-                "images_per_s", "step", "epoch", "samples", "images", "tokens"}
+    required = {
+        "loss",
+        "loss/text",
+        "loss/balance",
+        "loss/kd",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "images_per_s",
+        "step",
+        "epoch",
+        "samples",
+        "images",
+        "tokens",
+    }
     for t in ("clip", "eva", "convnext"):
         required |= {f"kd/{t}", f"weight/{t}", f"kd_unweighted/{t}"}
     required |= {f"mole/layer{i:02d}/expert{e}" for i in range(2) for e in range(3)}
@@ -143,8 +179,13 @@ def test_accumulation_equals_one_bigger_batch(parts, tmp_path):
 def test_refuses_to_overwrite_checkpoints_and_checks_batches(parts, tmp_path):
     manifest = tiny_manifest()
     trainer, _ = _run(parts, tmp_path / "run", manifest, n=8, max_steps=1)
-    again = Trainer(trainer.cfg, build_student(trainer.cfg, manifest), RandomDistillDataset(8, manifest),
-                    collate_fn, BlockSampler(8, 4))
+    again = Trainer(
+        trainer.cfg,
+        build_student(trainer.cfg, manifest),
+        RandomDistillDataset(8, manifest),
+        collate_fn,
+        BlockSampler(8, 4),
+    )
     with pytest.raises(ValueError, match="already holds checkpoints: pass resume=True"):
         again.train()
     batch = collate_fn([RandomDistillDataset(4, manifest)[i] for i in range(2)])
