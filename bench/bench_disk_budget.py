@@ -2,7 +2,7 @@
 
 Decisions and assumptions (each printed with the tables):
 
-- Teacher shapes (REFERENCE section 2): clip 576 x 1024, eva 4096 x 1024, convnext 1024 x 3072,
+- Teacher shapes (docs/method.md §2): clip 576 x 1024, eva 4096 x 1024, convnext 1024 x 3072,
   sam 4096 x 256; v1.0 = clip, eva, convnext; v1.1 adds sam. ``resample`` mode resizes every
   teacher's grid to 24 x 24 = 576 tokens (clip already is).
 - Compressed sizes are not extrapolated from a single ratio: ``bench_codecs.py`` measured, per

@@ -48,9 +48,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.photo_pack import pack_photos  # noqa: E402
-from cache import CacheWriter  # noqa: E402
 from cache.preprocess import preprocess_image  # noqa: E402
-from pipeline.extract import _manifest  # noqa: E402
+from pipeline.extract import plan  # noqa: E402
 from pipeline.extract_config import ExtractConfig  # noqa: E402
 from pipeline.extract_worker import ShardExtractor  # noqa: E402
 from pipeline.teachers import TeacherSpec  # noqa: E402
@@ -127,10 +126,10 @@ def bare_side(worker: ShardExtractor, batches) -> dict:
     return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - cpu0, "teachers": times}
 
 
-def pipeline_side(worker: ShardExtractor, shard: int, mdict: dict) -> dict:
-    """``ShardExtractor.process`` of one shard, with its stage times."""
+def pipeline_side(worker: ShardExtractor, shard: int) -> dict:
+    """``ShardExtractor.process`` of one shard (bound to the run's plan), with its stage times."""
     cpu0, t0 = time.process_time(), time.perf_counter()
-    summary = worker.process(shard, mdict)
+    summary = worker.process(shard)
     wall = time.perf_counter() - t0
     if summary["failed"]:
         raise RuntimeError(f"shard {shard}: images failed: {summary['failed']}")
@@ -155,15 +154,14 @@ def build(args, work: str):
         progress=False,
     )
     worker = ShardExtractor(cfg, torch_threads=args.torch_threads)
-    manifest = _manifest(cfg, packed, worker.describe())
-    CacheWriter.create(cfg.out, manifest)
-    return packed, worker, manifest.to_dict()
+    worker.bind(plan(cfg, worker.describe(), packed).manifest)  # the public plan both runners use
+    return packed, worker
 
 
 def run(args, work: str) -> dict:
     """Pairs (pipeline, bare) on the same shard, back to back, order alternating pair by pair."""
     torch.set_num_threads(args.torch_threads)
-    packed, worker, mdict = build(args, work)
+    packed, worker = build(args, work)
     batches = {s: preprocessed_batches(worker, packed, s, args.batch_size) for s in range(packed.num_shards)}
     info = {
         name: {
@@ -175,7 +173,7 @@ def run(args, work: str) -> dict:
         }
         for name, t in worker.teachers.items()
     }
-    worker.process(packed.num_shards, mdict)  # warm-up: the no-image row runs every stage once
+    worker.process(packed.num_shards)  # warm-up: the no-image row runs every stage once
     bare_side(worker, batches[0][:1])
     pairs, load = [], [os.getloadavg()[0]]
     for r in range(args.reps):
@@ -183,9 +181,7 @@ def run(args, work: str) -> dict:
             first = "pipeline" if len(pairs) % 2 == 0 else "bare"
             pair = {"shard": shard, "images": len(packed.keys_in_shard(shard)), "first": first}
             for side in (first, "bare" if first == "pipeline" else "pipeline"):
-                pair[side] = (
-                    pipeline_side(worker, shard, mdict) if side == "pipeline" else bare_side(worker, batches[shard])
-                )
+                pair[side] = pipeline_side(worker, shard) if side == "pipeline" else bare_side(worker, batches[shard])
             pairs.append(pair)
             print(
                 f"pass {r} shard {shard}: pipeline {pair['pipeline']['wall']:.1f}s, bare {pair['bare']['wall']:.1f}s",

@@ -6,7 +6,7 @@ student CLIP 112 px / 8x8 tokens x 128-d, LLM Llama 512-d x 4 layers; teachers C
 student's architecture), EVA-02 (20x20 tokens) and ConvNeXt-XXL stages (12x12 x 256) at 384 px.
 FLOPs are counted, not assumed: ``torch.utils.flop_counter`` (matmul / conv / attention, 2 per
 multiply-add) over one real batch: the student's training step (forward + backward) and each
-teacher's forward. v1.0 for comparison: teachers 9.6 TFLOP/img (REFERENCE section 7); the 7B
+teacher's forward. v1.0 for comparison: teachers 9.6 TFLOP/img (docs/method.md §7); the 7B
 step per sample is 2 x 6.7e9 x ~640 tokens = 8.6 TFLOP forward, x3 in stage 1 (forward, recompute
 under gradient checkpointing, input-gradient backward through the frozen LLM) = ~26 TFLOP, x4 in
 stage 2 (weight gradients too) = ~34 TFLOP: teachers add +28 to +37 %.
@@ -283,7 +283,7 @@ def flops_table(f: dict) -> str:
     step = f["step_per_sample"]
     total = sum(f["teachers"].values())
     lines = [
-        "| component | params | GFLOP per image / sample | vs student step | v1.0 (REFERENCE 7) |",
+        "| component | params | GFLOP per image / sample | vs student step | v1.0 (docs/method.md §7) |",
         "|---|---:|---:|---:|---:|",
         f"| student training step (fwd + bwd) | {fmt_params(f['params']['student'])} (LLM "
         f"{fmt_params(f['params']['llm'])}; {fmt_params(f['params']['trainable'])} trainable) | "

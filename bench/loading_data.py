@@ -1,7 +1,7 @@
 """Inputs of ``bench_loading.py``: a cache at the real MoVE-KD v1.0 shapes, and the tiny trainer.
 
 - ``write_v1_cache``: a cache whose manifest has the v1.0 teachers at their real token grids and
-  channels (REFERENCE section 2: clip 24x24 x 1024 with [CLS] state and attention, eva 64x64 x
+  channels (docs/method.md §2: clip 24x24 x 1024 with [CLS] state and attention, eva 64x64 x
   1024, convnext 32x32 x 3072), int8 codec, written through ``CacheWriter.write_encoded`` (the
   extraction worker's path) one shard at a time. Values are synthetic: N(0, 1) tokens, a
   Gaussian [CLS] state and a softmax attention row, from a seeded generator, one image at a time,
@@ -95,38 +95,29 @@ def stored_bytes(root: str) -> int:
 
 def extract_tiny_cache(work: str, packed) -> str:
     """The ``tiny`` extraction preset's teachers, run in-process over ``packed``; returns the cache dir."""
-    from jobs.extract import materialize_tiny_teachers
-    from pipeline.extract import _manifest
-    from pipeline.extract_config import ExtractConfig, load_yaml_config
-    from pipeline.extract_worker import ShardExtractor
+    from jobs.config import load_config
+    from pipeline.extract import extract_in_process
 
     out = os.path.join(work, "tiny-cache")
-    data = load_yaml_config(
-        "tiny",
-        {
-            "packed": packed.root,
-            "out": out,
-            "progress": False,
-            "tiny_teachers.dir": os.path.join(work, "tiny-teachers"),
-        },
-    )
-    cfg = ExtractConfig.from_dict(materialize_tiny_teachers(data))
-    worker = ShardExtractor(cfg, torch_threads=None)
-    manifest = _manifest(cfg, packed, worker.describe())
-    CacheWriter.create(out, manifest)
-    for shard in range(packed.num_shards + 1):
-        worker.process(shard, manifest.to_dict())
+    overrides = {
+        "packed": packed.root,
+        "out": out,
+        "progress": False,
+        "tiny_teachers.dir": os.path.join(work, "tiny-teachers"),
+    }
+    report = extract_in_process(load_config("tiny", overrides))
+    if not report.ok:
+        raise RuntimeError(f"extraction into {out} failed: {report.shards_failed}")
     return out
 
 
 def build_tiny_training(work: str, packed, data_json: str):
     """``jobs.train.build_training`` for the ``train_tiny`` preset on a tiny-teacher cache."""
-    from jobs.train import Dist, build_training, materialize_tiny_student
-    from pipeline.extract_config import load_yaml_config
-    from student.config import TrainConfig
+    from jobs.config import load_config
+    from jobs.train import Dist, build_training
 
     cache = extract_tiny_cache(work, packed)
-    data = load_yaml_config(
+    cfg = load_config(
         "train_tiny",
         {
             "cache": cache,
@@ -137,6 +128,5 @@ def build_tiny_training(work: str, packed, data_json: str):
             "tiny_student.dir": os.path.join(work, "tiny-student"),
         },
     )
-    cfg = TrainConfig.from_dict(materialize_tiny_student(data))
     trainer, tokenizer = build_training(cfg, Dist())
     return cfg, trainer, tokenizer

@@ -7,7 +7,7 @@ all built in-process under one work directory (no Ray, no network).
   shard plus the reserved no-image row, as ``tests/pipeline/test_extract.py`` does.
 - Models: the ``tiny`` / ``train_tiny`` presets as shipped, or the scaled-down v1.0 shapes of
   ``bench_training.py`` (``scaled_student`` / ``scaled_teachers``; FLOPs are measured there).
-- Configs go through the real parsers (``load_yaml_config``, ``TrainConfig.from_dict``), and the
+- Configs go through the real parsers (``jobs.config.load_config``, ``TrainConfig.from_dict``), and the
   online-teacher mode reads a real extraction YAML (``write_extract_yaml``).
 """
 
@@ -76,12 +76,10 @@ def photo_pack(root: str, n: int, size: int = 512, shard_size: int = 16) -> tupl
 def extract_cache(
     packed_dir: str, out: str, teachers: list, codec: str, batch_size: int = 8, cls_teacher: str = "clip"
 ) -> str:
-    """Run ``ShardExtractor`` over every shard (and the no-image row) into a fresh cache ``out``."""
-    from cache import CacheWriter
-    from pipeline.extract import _manifest
+    """Extract every shard (and the no-image row) into a fresh cache ``out``, in-process
+    (``pipeline.extract.extract_in_process``: the plan and worker every Ray actor runs)."""
+    from pipeline.extract import extract_in_process
     from pipeline.extract_config import ExtractConfig
-    from pipeline.extract_worker import ShardExtractor
-    from pipeline.packed_dataset import PackedDataset
 
     if os.path.isdir(out):
         return out
@@ -96,18 +94,16 @@ def extract_cache(
         decode_threads=2,
         progress=False,
     )
-    packed = PackedDataset(packed_dir)
-    worker = ShardExtractor(cfg)
-    manifest = _manifest(cfg, packed, worker.describe())
-    CacheWriter.create(cfg.out, manifest)
-    for shard in range(packed.num_shards + 1):
-        worker.process(shard, manifest.to_dict())
+    report = extract_in_process(cfg)
+    if not report.ok:
+        raise RuntimeError(f"extraction into {out} failed: {report.shards_failed}")
     return out
 
 
 def write_extract_yaml(path: str, teachers: list, cls_teacher: str = "clip") -> str:
     """An extraction config naming ``teachers`` (what ``--online-teachers`` reads)."""
     data = {
+        "kind": "extract",
         "packed": None,
         "out": None,
         "cls_teacher": cls_teacher,
@@ -128,13 +124,10 @@ def tiny_teachers(root: str) -> list:
     import torch
     from transformers import SamVisionConfig, SamVisionModel
 
-    from jobs.extract import materialize_tiny_teachers
-    from pipeline.extract_config import load_yaml_config
-    from pipeline.teachers.base import TeacherSpec
+    from jobs.config import load_config
     from pipeline.teachers.tiny import TINY_FAMILIES, _save_hf, _save_timm
 
-    data = load_yaml_config("tiny", {"packed": "-", "out": "-", "tiny_teachers.dir": root})
-    specs = {t["name"]: TeacherSpec.from_dict(t) for t in materialize_tiny_teachers(data)["teachers"]}
+    specs = {t.name: t for t in load_config("tiny", {"tiny_teachers.dir": root}).teachers}
     convnext_kwargs = dict(specs["convnext"].model_kwargs, dims=[16, 24, 32, 64])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_FAMILIES.index("convnext"))
@@ -161,21 +154,17 @@ def tiny_teachers(root: str) -> list:
 
 def tiny_train_config(student_dir: str, **fields: Any):
     """The ``train_tiny`` preset with its tiny student under ``student_dir``, then ``fields``."""
-    from jobs.train import materialize_tiny_student
-    from pipeline.extract_config import load_yaml_config
-    from student.config import TrainConfig
+    from jobs.config import load_config
 
-    data = materialize_tiny_student(load_yaml_config("train_tiny", {"tiny_student.dir": student_dir}))
-    data.update(fields)
-    return TrainConfig.from_dict(data)
+    return load_config("train_tiny", {"tiny_student.dir": student_dir, **fields})
 
 
 def scaled_train_config(student_paths: dict[str, str], **fields: Any):
     """The ``train_tiny`` preset (stage 1 recipe) with the scaled student instead of its tiny one."""
-    from pipeline.extract_config import load_yaml_config
+    from jobs.config import read_preset
     from student.config import TrainConfig
 
-    data = load_yaml_config("train_tiny")
+    _, data = read_preset("train_tiny")
     data.pop("tiny_student", None)
     data.update(student_paths)
     data.update(fields)

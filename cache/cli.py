@@ -34,6 +34,7 @@ from cache.preprocess import preprocess_image
 from cache.reader import FeatureCache, load_manifest, open_cache
 from cache.stats import compute_channel_stats
 from cache.store import Location
+from cache.text import human_bytes, preprocess_summary, table
 from cache.verify import verify_cache
 
 
@@ -117,7 +118,7 @@ def _guarded(command, args) -> int:
 def inspect_cache(cache: FeatureCache) -> dict:
     """Everything ``inspect`` reports, as a JSON-ready dict."""
     m = cache.manifest
-    data_keys = [k for s in cache.committed_shards for k in cache.commits[s]["keys"]]
+    data_keys = [k for s in cache.committed_shards for k in cache.commits[s].keys]
     failed = sum(1 for k in data_keys if not cache.is_valid(k))
     rows = max(len(data_keys), 1)
     total = cache.location.size_on_disk()
@@ -185,16 +186,6 @@ def _size_under(loc: Location, rel: str) -> int:
         return 0
 
 
-def preprocess_summary(p: PreprocessSpec) -> str:
-    parts = [f"{p.resolution} {p.resize}", p.interpolation]
-    if p.crop != "none":
-        parts.append(f"crop {p.crop}")
-    if p.pad != "none":
-        parts.append(f"pad {p.pad}")
-    parts.append(f"aspect {p.aspect}")
-    return ", ".join(parts)
-
-
 def _cmd_inspect(args) -> int:
     info = inspect_cache(open_cache(args.path))
     print(json.dumps(info, indent=2) if args.json else format_inspect(info))
@@ -211,8 +202,8 @@ def format_inspect(info: dict) -> str:
         f"dataset   {man['dataset_name'] or '-'} (fingerprint {man['dataset_fingerprint']})",
         f"shards    {sh['committed']}/{sh['total']} committed, {man['shard_size']} rows each; no-image row {null}",
         f"images    {img['valid']} valid, {img['failed']} failed",
-        f"size      {_human(info['bytes_on_disk'])} on disk, {_human(info['bytes_per_image'])}/image, "
-        f"{info['ratio_to_raw_bf16']:.3f} x raw bf16 ({_human(info['raw_bf16_bytes_per_image'])}/image)",
+        f"size      {human_bytes(info['bytes_on_disk'])} on disk, {human_bytes(info['bytes_per_image'])}/image, "
+        f"{info['ratio_to_raw_bf16']:.3f} x raw bf16 ({human_bytes(info['raw_bf16_bytes_per_image'])}/image)",
         f"stats     {'stats.json present' if info['has_channel_stats'] else 'none (run: stats PATH)'}",
         "",
         _teacher_table(info["teachers"]),
@@ -235,7 +226,7 @@ def _teacher_table(teachers: list[dict]) -> str:
             t["codec"],
             t["resample"] + (f" from {'x'.join(map(str, t['native_grid']))}" if t["native_grid"] else ""),
             t["preprocess_summary"],
-            _human(t["bytes_per_image"]),
+            human_bytes(t["bytes_per_image"]),
             f"{t['ratio_to_raw_bf16']:.3f}",
         ]
         for t in teachers
@@ -257,21 +248,6 @@ def _teacher_table(teachers: list[dict]) -> str:
         ],
         rows,
     )
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 # -- verify ----------------------------------------------------------------------------------
@@ -440,7 +416,7 @@ def draw_attention(
 def _cmd_stats(args) -> int:
     cache = open_cache(args.path)
     names = _teacher_list(cache, args.teachers)
-    if not any(cache.is_valid(k) for s in cache.committed_shards for k in cache.commits[s]["keys"]):
+    if not any(cache.is_valid(k) for s in cache.committed_shards for k in cache.commits[s].keys):
         raise CliError(f"{cache.location.url} has no valid images in committed shards: nothing to compute")
     out = compute_channel_stats(cache, names, progress=not args.no_progress)
     if args.json:

@@ -6,7 +6,7 @@ A codec turns one batch of token features into named *components* (e.g. ``values
 - Presets are looked up by name in a registry (``get_codec("int8")``), timm-style, so the
   manifest records a name and every reader rebuilds the same codec.
 - Lossless 16-bit presets store bits (``bf16`` as uint16, zarr has no bfloat16) with blosc
-  byte-shuffle + zstd: the exponent bytes compress, the mantissas do not (REFERENCE section 10).
+  byte-shuffle + zstd: the exponent bytes compress, the mantissas do not (docs/method.md §10).
 - Quantised presets are symmetric absmax with 2**(bits-1) levels each side: ``scale = absmax /
   (qmax + 0.5)`` and ``q = clip(round(x / scale), qmin, qmax)``, so every value's error is at most
   half a step and the negative extreme level is used too. Integer payloads then go through zstd,

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cache.strict import from_mapping
+
 FORMAT_NAME = "movekd-feature-cache"
 FORMAT_VERSION = 1
 ATTRS_KEY = "movekd"
@@ -52,7 +54,7 @@ def _choice(value: str, allowed: tuple[str, ...], what: str) -> None:
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    """How an image becomes the tensor a teacher saw (REFERENCE section 3).
+    """How an image becomes the tensor a teacher saw (docs/method.md §3).
 
     ``aspect`` is LLaVA's ``image_aspect_ratio``: ``square`` feeds the image as is (the processor
     then resizes/crops); ``pad`` first expands it to a square filled with the mean colour.
@@ -86,7 +88,7 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PreprocessSpec:
-        return _build(cls, d, "preprocess")
+        return from_mapping(cls, d, "preprocess", ManifestError)
 
 
 @dataclass(frozen=True)
@@ -137,10 +139,8 @@ class TeacherEntry:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TeacherEntry:
-        d = dict(d)
-        _require("preprocess" in d, f"teacher {d.get('name')!r}: missing 'preprocess'")
-        d["preprocess"] = PreprocessSpec.from_dict(d["preprocess"])
-        return _build(cls, d, f"teacher {d.get('name')!r}")
+        name = d.get("name") if isinstance(d, Mapping) else None
+        return from_mapping(cls, d, f"teacher {name!r}", ManifestError)
 
 
 @dataclass(frozen=True)
@@ -235,8 +235,7 @@ class CacheManifest:
             )
         d = {k: v for k, v in d.items() if k != "format"}
         _require(isinstance(d.get("teachers"), list), "manifest 'teachers' must be a list")
-        d["teachers"] = tuple(TeacherEntry.from_dict(t) for t in d["teachers"])
-        return _build(cls, d, "manifest")
+        return from_mapping(cls, d, "manifest", ManifestError)
 
     # -- identity ------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -279,23 +278,6 @@ def diff_dicts(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
             out += diff_dicts(x, y, f"{path}[{i}]")
         return out
     return [] if a == b else [(path, a, b)]
-
-
-def _build(cls, d: Mapping[str, Any], what: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    _require(not unknown, f"{what}: unknown field(s) {unknown}")
-    required = {
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    }
-    missing = sorted(required - set(d))
-    _require(not missing, f"{what}: missing field(s) {missing}")
-    try:
-        return cls(**d)
-    except TypeError as e:
-        raise ManifestError(f"{what}: {e}") from e
 
 
 def _package_version() -> str:

@@ -36,6 +36,11 @@ class ShardCommit:
     written_at: str = ""
     writer: str = ""
 
+    @property
+    def count(self) -> int:
+        """Rows the shard holds (its keys, failed ones included)."""
+        return len(self.keys)
+
     def to_dict(self) -> dict:
         return {
             "marker_version": MARKER_VERSION,

@@ -1,7 +1,7 @@
 """Deterministic image preprocessing: the one function teacher extraction and the student share.
 
 ``preprocess_image(image, spec)`` turns a PIL image into the float32 CHW tensor a teacher saw, as
-described by a ``PreprocessSpec`` stored in the cache manifest (REFERENCE section 3). The student
+described by a ``PreprocessSpec`` stored in the cache manifest (docs/method.md §3). The student
 trainer calls the same function with the same spec, so teacher and student inputs cannot drift.
 
 Decisions:

@@ -66,7 +66,7 @@ class FeatureCache:
         self.location = Location(location)
         self.manifest, _ = load_manifest(self.location)
         self._group, self._pid = None, None
-        self.commits: dict[int, dict] = {}
+        self.commits: dict[int, ShardCommit] = {}
         self._index: dict[str, int] = {}
         self._failed: dict[str, str] = {}
         self.reload()
@@ -83,23 +83,22 @@ class FeatureCache:
             if raw is None:
                 continue  # removed since listing: a rewrite of that shard has just uncommitted it
             try:
-                marker = json.loads(raw)
-                ShardCommit.from_dict(marker)
-                if marker["shard"] != shard:
-                    raise ValueError(f"it names shard {marker['shard']}")
+                marker = ShardCommit.from_dict(json.loads(raw))
+                if marker.shard != shard:
+                    raise ValueError(f"it names shard {marker.shard}")
             except (TypeError, ValueError) as e:
                 raise CacheError(
                     f"{self.location.url}: commit marker {name} is unreadable ({e}); "
                     f"run `movekd cache verify` and re-extract that shard"
                 ) from e
             start, _ = self.manifest.shard_rows(shard)
-            for i, key in enumerate(marker["keys"]):
+            for i, key in enumerate(marker.keys):
                 if key in index:
                     raise CacheError(
                         f"key {key!r} is in shard {shard} and in row {index[key]}: the cache has a duplicate image"
                     )
                 index[key] = start + i
-            failed.update(marker["failed"])
+            failed.update(marker.failed)
             commits[shard] = marker
         self.commits, self._index, self._failed = commits, index, failed
 
@@ -195,7 +194,7 @@ class FeatureCache:
     def read_shard_raw(self, path: str, shard: int) -> np.ndarray:
         """The stored values of ``path`` for the committed rows of ``shard``."""
         start, _ = self.manifest.shard_rows(shard)
-        return self._arrays()[path][start : start + self.commits[shard]["count"]]
+        return self._arrays()[path][start : start + self.commits[shard].count]
 
     # -- statistics --------------------------------------------------------------------------
     def channel_stats(self, teacher: str) -> dict[str, np.ndarray]:

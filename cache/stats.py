@@ -28,7 +28,7 @@ def compute_channel_stats(
     }
     images = 0
     for shard in tqdm(cache.committed_shards, desc="channel stats", unit="shard", disable=not progress):
-        keys = [k for k in cache.commits[shard]["keys"] if cache.is_valid(k)]
+        keys = [k for k in cache.commits[shard].keys if cache.is_valid(k)]
         if not keys:
             continue
         batch = cache.read(keys, teachers=names, aux=False)

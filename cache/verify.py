@@ -69,10 +69,10 @@ def verify_cache(location: str | os.PathLike, sample: int = 16, seed: int = 0, p
 
 def _check_shard(cache: FeatureCache, shard: int, specs) -> list[str]:
     marker, problems = cache.commits[shard], []
-    bad_rows = np.array([k in marker["failed"] for k in marker["keys"]], dtype=bool)
+    bad_rows = np.array([k in marker.failed for k in marker.keys], dtype=bool)
     for spec in specs:
         where = f"shard {shard:05d}: {spec.path} (file {shard_file_key(spec, shard)})"
-        expected = marker["checksums"].get(spec.path)
+        expected = marker.checksums.get(spec.path)
         try:
             raw = cache.read_shard_raw(spec.path, shard)
         except Exception as e:  # noqa: BLE001 - any decode failure is a finding, not a crash
@@ -86,7 +86,7 @@ def _check_shard(cache: FeatureCache, shard: int, specs) -> list[str]:
         if values is not None:
             finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1) | bad_rows
             for i in np.nonzero(~finite)[0][:5]:
-                problems.append(f"{where}: NaN/Inf in image {marker['keys'][i]!r}")
+                problems.append(f"{where}: NaN/Inf in image {marker.keys[i]!r}")
     return problems
 
 

@@ -97,14 +97,14 @@ class CacheWriter:
         failed = dict(failed or {})
         self._check_shard(shard, keys, failed)
         feats, cls_state, cls_attn = self._validated(keys, features, cls_state, cls_attn)
-        self._check_values(keys, feats, cls_state, cls_attn, failed, nonfinite)
+        self._check_values(keys, feats, None, None, failed, nonfinite)  # cls rows: in write_encoded
         bad = np.array([k in failed for k in keys], dtype=bool)
         encoded = {}
         for t in self.manifest.teachers:
             x = feats[t.name].astype(np.float32, copy=True)
             x[bad] = 0
             encoded[t.name] = get_codec(t.codec).encode(x)
-        return self.write_encoded(shard, keys, encoded, cls_state, cls_attn, failed)
+        return self.write_encoded(shard, keys, encoded, cls_state, cls_attn, failed, nonfinite)
 
     def write_encoded(
         self,
@@ -114,15 +114,21 @@ class CacheWriter:
         cls_state: np.ndarray | None = None,
         cls_attn: np.ndarray | None = None,
         failed: Mapping[str, str] | None = None,
+        nonfinite: str = "raise",
     ) -> ShardCommit:
         """Like ``write_shard`` for features already encoded with each teacher's codec
         (``encoded[teacher][component]`` = ``[len(keys), *component shape]``), so an extraction
-        worker can quantise batch by batch and never hold a shard of float features."""
+        worker can quantise batch by batch and never hold a shard of float features.
+
+        The float ``cls_state``/``cls_attn`` rows of images not in ``failed`` must be finite:
+        ``nonfinite="raise"`` raises naming the images, ``"mark_failed"`` records them as failed
+        (their rows are then stored as zeros, like every failed image's)."""
         failed = dict(failed or {})
         start, stop = self._check_shard(shard, keys, failed)
         arrays = self._encoded_arrays(keys, encoded)
         if self.manifest.cls_teacher is not None:
             _, cls_state, cls_attn = self._validated(keys, None, cls_state, cls_attn)
+            self._check_values(keys, {}, cls_state, cls_attn, failed, nonfinite)
             arrays[CLS_STATE], arrays[CLS_ATTN] = cls_state.astype(np.float32), cls_attn.astype(np.float32)
         bad = np.array([k in failed for k in keys], dtype=bool)
         self.location.delete(marker_name(shard))  # uncommit before touching data

@@ -69,6 +69,12 @@ def prepare_process(verb: str | None) -> None:
         ensure_torchvision_importable()
 
 
+def user_error(prog: str, message: object) -> int:
+    """A user's mistake: one line on stderr naming what is wrong, and exit code 2 (no traceback)."""
+    print(f"{prog}: {message}", file=sys.stderr)
+    return 2
+
+
 def run_module(prog: str, description: str, add_arguments, run, argv: list[str] | None = None) -> int:
     """``python -m jobs.VERB``: the verb's own parser and runner, without the ``movekd`` wrapper."""
     prepare_process(prog.rsplit(".", 1)[-1])

@@ -51,11 +51,10 @@ def _stage(name: str):
 def run(args: argparse.Namespace) -> int:
     from cache import open_cache, verify_cache
     from cache.cli import main as cache_main
-    from jobs.extract import materialize_tiny_teachers
+    from jobs.config import load_config
     from jobs.image_source import PackedImageSource
     from jobs.train import main as train_main
     from pipeline.extract import run_extraction, summarize
-    from pipeline.extract_config import ExtractConfig, load_yaml_config
     from pipeline.packing import format_summary, pack_dataset
     from pipeline.sample_data import build_sample
 
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_summary(result))
     t = _stage(f"3/5 extract with tiny teachers on local Ray ({time.perf_counter() - t:.1f}s)")
-    data = load_yaml_config(
+    cfg = load_config(
         "tiny",
         {
             "packed": packed_dir,
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             "progress": progress,
         },
     )
-    report = run_extraction(ExtractConfig.from_dict(materialize_tiny_teachers(data)))
+    report = run_extraction(cfg)
     print(summarize(report))
     if not report.ok:
         return 1

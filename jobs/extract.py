@@ -6,19 +6,19 @@ Locally this starts an embedded Ray cluster on 127.0.0.1. On a cluster, submit i
 
 (``ray job submit`` exports RAY_ADDRESS; this entry point then joins that cluster.)
 
-A config may carry a ``tiny_teachers`` block (``{dir: ..., families: [...]}``): the entry point
-creates small random-weight models of those families in ``dir`` (if missing) and uses them as the
-teachers. That is how the bundled sample runs without any downloaded weights.
+Configs are resolved by ``jobs.config`` (presets, ``base:`` chains, ``--set``, the ``tiny_teachers``
+block that makes small random-weight teachers for the bundled sample). ``--dry-run`` prints the
+plan, shapes and disk budget without loading a model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
-from typing import Any
 
 log = logging.getLogger("movekd.extract")
 
@@ -48,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", help="also write the machine-readable run report (JSON) here")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars (logs stay)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan without loading any model: each teacher's source, preprocessing, token grid, "
+        "channels, codec and bytes per image, the shards already committed and to do, and the disk budget",
+    )
 
 
 def add_parser(subparsers) -> None:
@@ -59,56 +65,47 @@ def add_parser(subparsers) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> ExtractConfig:  # noqa: F821
-    from pipeline.extract_config import ExtractConfig, load_yaml_config, parse_override
+    from jobs.config import load_config, parse_overrides
 
-    overrides = dict(parse_override(o) for o in args.overrides)
-    for key, value in (
-        ("packed", args.packed),
-        ("out", args.out),
-        ("num_workers", args.workers),
-        ("report", args.report),
-    ):
-        if value is not None:
-            overrides[key] = value
+    overrides = parse_overrides(
+        args.overrides, packed=args.packed, out=args.out, num_workers=args.workers, report=args.report
+    )
     if args.no_progress:
         overrides["progress"] = False
-    data = load_yaml_config(args.config, overrides)
-    data = materialize_tiny_teachers(data)
-    if data.get("ray_address") is None and os.environ.get("RAY_ADDRESS"):
-        data["ray_address"] = "auto"  # started by `ray job submit`: join that cluster
-    return ExtractConfig.from_dict(data)
-
-
-def materialize_tiny_teachers(data: dict[str, Any]) -> dict[str, Any]:
-    """Replace a ``tiny_teachers`` block by the specs of freshly made (or existing) tiny models."""
-    tiny = data.pop("tiny_teachers", None)
-    if tiny is None:
-        return data
-    from pipeline.teachers.tiny import make_tiny_teachers
-
-    specs = make_tiny_teachers(tiny["dir"], families=tiny.get("families"))
-    data["teachers"] = [s.to_dict() for s in specs]
-    return data
+    cfg = load_config(args.config, overrides, kind="extract")
+    if cfg.ray_address is None and os.environ.get("RAY_ADDRESS"):
+        cfg = dataclasses.replace(cfg, ray_address="auto")  # started by `ray job submit`: join that cluster
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.extract import run_extraction, summarize
+    from cache.manifest import ManifestMismatchError
+    from jobs.cli import user_error
+    from jobs.config import CONFIG_ERRORS
 
     try:
         cfg = resolve_config(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"movekd extract: bad config: {e}", file=sys.stderr)
-        return 2
+    except CONFIG_ERRORS as e:
+        return user_error("movekd extract", f"bad config: {e}")
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    from cache.manifest import ManifestMismatchError
+    if args.dry_run:
+        from pipeline.extract_describe import describe_extraction, format_description
+
+        try:
+            print(format_description(describe_extraction(cfg)))
+        except ValueError as e:
+            return user_error("movekd extract", e)
+        return 0
+    from pipeline.extract import run_extraction, summarize
 
     try:
         report = run_extraction(cfg)
     except ManifestMismatchError as e:
-        print(f"movekd extract: refusing to resume: {e}", file=sys.stderr)
-        return 2
+        return user_error("movekd extract", f"refusing to resume: {e}")
+    except ValueError as e:  # a config that cannot run (e.g. no packed/out), named by the message
+        return user_error("movekd extract", e)
     print(summarize(report))
     return 0 if report.ok else 1
 

@@ -31,12 +31,10 @@ class OnlineTargets:
     def from_config(
         cls, extract_config: str, images: Callable, collate: Callable, device: str, names: tuple[str, ...]
     ) -> OnlineTargets:
-        from jobs.extract import materialize_tiny_teachers
-        from pipeline.extract_config import ExtractConfig, load_yaml_config
+        from jobs.config import load_config
         from pipeline.teachers import build_teacher
 
-        data = materialize_tiny_teachers(load_yaml_config(extract_config, {"packed": "-", "out": "-"}))
-        cfg = ExtractConfig.from_dict(data)
+        cfg = load_config(extract_config, kind="extract")
         missing = sorted(set(names) - {t.name for t in cfg.teachers})
         if missing:
             raise ValueError(f"--online-teachers {extract_config}: no teacher(s) {missing} in that config")

@@ -28,7 +28,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 log = logging.getLogger("movekd.train")
 
@@ -71,32 +70,9 @@ def add_parser(subparsers) -> None:
 
 
 def resolve_config(args: argparse.Namespace):
-    from pipeline.extract_config import load_yaml_config, parse_override
-    from student.config import TrainConfig
+    from jobs.config import load_config, parse_overrides
 
-    overrides = dict(parse_override(o) for o in args.overrides)
-    if args.max_steps is not None:
-        overrides["max_steps"] = args.max_steps
-    data = materialize_tiny_student(load_yaml_config(args.config, overrides))
-    return TrainConfig.from_dict(data)
-
-
-def materialize_tiny_student(data: dict[str, Any]) -> dict[str, Any]:
-    """Replace a ``tiny_student`` block by the paths of freshly made (or existing) tiny models."""
-    tiny = data.pop("tiny_student", None)
-    if tiny is None:
-        return data
-    from student.tiny import make_tiny_llava_parts
-
-    root = tiny["dir"]
-    if not os.path.isfile(os.path.join(root, "llm", "config.json")):
-        make_tiny_llava_parts(root)
-    data.update(
-        vision_tower=os.path.join(root, "vision"),
-        llm=os.path.join(root, "llm"),
-        tokenizer=os.path.join(root, "tokenizer"),
-    )
-    return data
+    return load_config(args.config, parse_overrides(args.overrides, max_steps=args.max_steps), kind="train")
 
 
 @dataclass
@@ -198,11 +174,13 @@ def build_training(cfg, dist_info: Dist, online: str | None = None):
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the dataset tokenises before workers fork
+    from jobs.cli import user_error
+    from jobs.config import CONFIG_ERRORS
+
     try:
         cfg = resolve_config(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"movekd train: bad config: {e}", file=sys.stderr)
-        return 2
+    except CONFIG_ERRORS as e:
+        return user_error("movekd train", f"bad config: {e}")
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
@@ -211,8 +189,7 @@ def run(args: argparse.Namespace) -> int:
         trainer, tokenizer = build_training(cfg, dist_info, args.online_teachers)
         state = trainer.train(resume=args.resume)
     except ValueError as e:  # bad cache/config/checkpoint: one clear line, no traceback
-        print(f"movekd train: {e}", file=sys.stderr)
-        return 2
+        return user_error("movekd train", e)
     if dist_info.rank == 0:
         print(f"trained to step {state.step} (epoch {state.epoch}); log {trainer.log_path}, plot {trainer.plot_path}")
         if not args.no_export and not (dist_info.world_size > 1 and cfg.distributed == "fsdp"):

@@ -1,9 +1,9 @@
 """``ExtractConfig``: everything an extraction run needs, built in one place.
 
-Named presets are YAML files in ``jobs/configs/``; a file may name a ``base`` preset (resolved
-relative to itself, then to ``jobs/configs``) and override fields, so a variant changes one field.
-``--set key=value`` overrides on the command line use the same merge. Library code never reads
-``sys.argv`` or the environment: the CLI parses into this dataclass.
+Named presets (YAML with ``base:`` chains and ``--set`` overrides) are resolved by ``jobs.config``;
+this module only defines and validates the dataclass. Library code never reads YAML,
+``sys.argv`` or the environment. ``packed`` and ``out`` may be left unset (None) to describe a
+preset (``movekd extract --dry-run``); running it needs both (``require_io``).
 """
 
 from __future__ import annotations
@@ -11,15 +11,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cache.codecs import get_codec
+from cache.strict import from_mapping
 from pipeline.teachers import TeacherSpec
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 
 
 @dataclass(frozen=True)
@@ -31,8 +27,8 @@ class ExtractConfig:
     started, each with ``gpus_per_worker`` GPUs (``device: cuda``) or ``cpus_per_worker`` CPUs.
     """
 
-    packed: str
-    out: str
+    packed: str | None
+    out: str | None
     teachers: tuple[TeacherSpec, ...]
     codec: str = "int8"
     codecs: Mapping[str, str] = field(default_factory=dict)
@@ -53,6 +49,8 @@ class ExtractConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.teachers, (list, tuple)):
+            raise ValueError(f"teachers must be a list of teacher specs, got {type(self.teachers).__name__}")
         teachers = tuple(t if isinstance(t, TeacherSpec) else TeacherSpec.from_dict(t) for t in self.teachers)
         if self.aspect is not None:
             if self.aspect not in ("square", "pad"):
@@ -87,76 +85,15 @@ class ExtractConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ExtractConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown extraction config key(s) {unknown}; valid keys: {sorted(names)}")
-        missing = sorted(k for k in ("packed", "out", "teachers") if d.get(k) in (None, "", []))
+        if isinstance(d, Mapping):
+            d = {"packed": None, "out": None, **d}
+        return from_mapping(cls, d, "extraction config")
+
+    def require_io(self) -> None:
+        """Raise naming ``packed``/``out`` when a run would need them and they are unset."""
+        missing = sorted(k for k in ("packed", "out") if not getattr(self, k))
         if missing:
-            raise ValueError(f"extraction config is missing {missing} (set them in the YAML or with --set KEY=VALUE)")
-        return cls(**d)
-
-
-def load_yaml_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Read a YAML preset, resolving ``base:`` chains, then apply dotted ``overrides``."""
-    data = _load_with_base(_resolve(path), seen=())
-    for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
-    return data
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with the value parsed as YAML (so numbers, lists and null work)."""
-    if "=" not in text:
-        raise ValueError(f"override {text!r} must look like KEY=VALUE")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
-
-
-def _resolve(path: str | Path, relative_to: Path | None = None) -> Path:
-    p = Path(path)
-    candidates = (
-        [p]
-        if p.is_absolute()
-        else [*([relative_to / p] if relative_to else []), p, CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"]
-    )
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"config {str(path)!r} not found (looked in {[str(c) for c in candidates]})")
-
-
-def _load_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-    if path in seen:
-        raise ValueError(f"config base chain loops: {' -> '.join(map(str, seen + (path,)))}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config must be a YAML mapping")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    merged = _load_with_base(_resolve(base, path.parent), seen + (path,))
-    return _deep_merge(merged, data)
-
-
-def _deep_merge(a: dict, b: Mapping) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for p in parts[:-1]:
-        if isinstance(node, list):
-            node = node[int(p)]
-        else:
-            node = node.setdefault(p, {})
-    last = parts[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+            raise ValueError(
+                f"extraction config is missing {missing}: set them in the YAML, with --set KEY=VALUE, "
+                "or with --packed/--out"
+            )

@@ -68,15 +68,18 @@ class ShardExtractor:
     def pid(self) -> int:
         return os.getpid()
 
-    def writer(self, manifest: CacheManifest) -> CacheWriter:
-        if self._writer is None:
-            self._writer = CacheWriter.open(self.cfg.out, manifest)
-        return self._writer
+    def bind(self, manifest: CacheManifest | dict) -> None:
+        """Take the run's manifest (``pipeline.extract.plan``) once, before any ``process``."""
+        if isinstance(manifest, dict):
+            manifest = CacheManifest.from_dict(manifest)
+        self._writer = CacheWriter.open(self.cfg.out, manifest)
 
     # -- one shard ---------------------------------------------------------------------------
-    def process(self, shard: int, manifest_dict: dict) -> dict:
-        manifest = CacheManifest.from_dict(manifest_dict)
-        writer = self.writer(manifest)
+    def process(self, shard: int) -> dict:
+        """Extract, write and commit cache shard ``shard``; returns a small summary."""
+        if self._writer is None:
+            raise RuntimeError("ShardExtractor.process before bind(manifest): make a plan first (pipeline.extract)")
+        writer, manifest = self._writer, self._writer.manifest
         t0 = time.perf_counter()
         times: dict[str, float] = defaultdict(float)
         if shard == manifest.num_shards:
@@ -182,8 +185,17 @@ class _Accumulator:
             self._synchronize(out.tokens)
             times["quantise"] += time.perf_counter() - t
             if name == self.cfg.cls_teacher:
-                self.cls_state.append(np.nan_to_num(out.cls_state.float().cpu().numpy()))
-                self.cls_attn.append(np.nan_to_num(out.cls_attn.float().cpu().numpy()))
+                self._keep_cls(name, keys, out, failed)
+
+    def _keep_cls(self, name, keys, out, failed) -> None:
+        """The CLS teacher's [CLS] state and attention row; an image whose rows are not finite is
+        marked failed like a non-finite feature (the writer stores failed rows as zeros)."""
+        state, attn = out.cls_state.float().cpu().numpy(), out.cls_attn.float().cpu().numpy()
+        finite = np.isfinite(state).all(axis=1) & np.isfinite(attn).all(axis=1)
+        for r in np.flatnonzero(~finite):
+            failed.setdefault(keys[r], f"teacher {name} produced NaN/Inf in its [CLS] state or attention")
+        self.cls_state.append(state)
+        self.cls_attn.append(attn)
 
     def _encode(self, name, keys, tokens, failed) -> dict[str, np.ndarray]:
         """Quantise on the tokens' device; rows of failed images (and of NaN/Inf outputs, which

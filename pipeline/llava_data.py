@@ -1,7 +1,7 @@
 """Read LLaVA-format JSON files (LCS-558K, LLaVA-665K) in one streaming pass.
 
 A LLaVA file is a top-level list of ``{"id", "image" (absent for text-only), "conversations"}``
-objects (REFERENCE section 8). The 665K file is about 1 GB, so this module never holds the text
+objects (docs/method.md §8). The 665K file is about 1 GB, so this module never holds the text
 of the file, nor the parsed rows, more than one row at a time.
 
 Decisions:

@@ -1,6 +1,6 @@
 """Per-teacher adapters: cached teacher tokens ``[B, N, C]`` -> student token space ``[B, 576, D]``.
 
-Decisions (REFERENCE section 4):
+Decisions (docs/method.md §4):
 - ``token_linear`` (released, ``move_llava_llama.py``): H = GELU(T W1^T + b1) ``[B, N, D]``, then
   a Linear over the token axis (N -> student tokens), no activation after it. Exact-erf GELU as
   ``torch.nn.GELU()`` in the released code; default ``nn.Linear`` init as released.

@@ -1,20 +1,21 @@
 """``TrainConfig``: every knob of a student training run, as one frozen dataclass.
 
 Decisions:
-- The dataclass defaults ARE the stage-1 (pretrain) recipe of REFERENCE section 7 (LLaVA-1.5 /
-  released MoVE-KD scripts); ``preset("finetune")`` is the stage-2 recipe. A variant changes a
-  field of a preset with ``dataclasses.replace`` or ``preset(stage, **overrides)``. There are no
+- The dataclass defaults ARE the stage-1 (pretrain) recipe of docs/method.md §7 (LLaVA-1.5 /
+  released MoVE-KD scripts), written only here. The stage-2 recipe is written only in the preset
+  ``jobs/configs/train_v1_0_finetune.yaml`` (``jobs.config.load_config``). A variant changes a
+  field with ``dataclasses.replace`` or a ``--set`` override. There are no
   "None means stage default" fields: the stored config always holds the concrete values used,
   so a checkpoint's config says exactly what ran.
 - ``tune_vision_base``: what happens to the base CLIP weights in stage 2. The released finetune
   script passes ``--tune_all True`` and ``train.py`` then calls ``model.requires_grad_(True)``
   (the tower's ``@torch.no_grad`` is commented out), so the base CLIP weights ARE trained in
-  stage 2, next to MoLE, projector, adapters and the LLM. ``preset("finetune")`` sets it True;
+  stage 2, next to MoLE, projector, adapters and the LLM. The stage-2 preset sets it True;
   set it False for LLaVA-1.5's frozen tower. Stage 1 never tunes them.
 - ``bf16=None`` means "bf16 autocast on CUDA, fp32 on CPU"; trainable weights stay fp32 masters.
 - Paths are plain strings (JSON-friendly); nothing here touches the filesystem.
 - ``to_dict``/``from_dict`` round-trip through JSON; unknown keys (also nested in ``mole``/``kd``)
-  raise ``ValueError`` naming them, so a typo in a YAML preset fails loudly.
+  raise ``ValueError`` naming them (``cache.strict``), so a typo in a YAML preset fails loudly.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cache.strict import from_mapping
 from student.kd_loss import KDConfig
 from student.mole import MoLEConfig
 
@@ -134,34 +136,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        if not isinstance(d, Mapping):
-            raise ValueError(f"TrainConfig.from_dict needs a mapping, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown field(s) {unknown}")
-        d = dict(d)
-        if isinstance(d.get("mole"), Mapping):
-            d["mole"] = MoLEConfig.from_dict(d["mole"])
-        if isinstance(d.get("kd"), Mapping):
-            d["kd"] = KDConfig.from_dict(d["kd"])
-        return cls(**d)
-
-
-_FINETUNE = dict(
-    stage="finetune",
-    template="vicuna_v1",
-    image_aspect_ratio="pad",
-    lr=2e-5,
-    batch_size=8,
-    group_by_modality_length=True,
-    tune_vision_base=True,
-)
-
-
-def preset(stage: str, **overrides: Any) -> TrainConfig:
-    """The REFERENCE section 7 recipe of ``stage`` ("pretrain" | "finetune"), then ``overrides``."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; use one of {STAGES}")
-    base = dict(_FINETUNE) if stage == "finetune" else {"stage": "pretrain"}
-    base.update(overrides)
-    return TrainConfig.from_dict(base)
+        return from_mapping(cls, d)

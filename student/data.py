@@ -28,7 +28,7 @@ Decisions:
   them without copy-on-write refcount churn (the growth LLaVA's ``list_data_dict`` causes at
   665K rows). Records are decoded on access.
 - Text-only rows read the cache's reserved row (``NULL_KEY``) and get ``null_image_tensor``, the
-  all-zero input the teachers saw for it (REFERENCE section 3).
+  all-zero input the teachers saw for it (docs/method.md §3.1).
 - Batched reads: ``read_batch(indices)`` reads every row of a batch with one ``FeatureCache.read``
   (zarr fetches the chunks concurrently). It is also ``__getitems__``, which a map-style
   ``DataLoader`` with ``batch_size`` calls instead of ``__getitem__`` per index, so the usual

@@ -35,9 +35,9 @@ from torch import nn
 
 from cache.manifest import diff_dicts
 from student.adapters import MLPAdapter, TokenLinearAdapter
+from student.distill_model import DistillModel
 from student.kd_loss import KDConfig
 from student.llava import LlavaStudent, build_llava
-from student.model import DistillModel
 from student.mole import MoLEConfig, add_mole
 from student.trainable import new_module_parameter_names
 
@@ -122,7 +122,7 @@ def read_metadata(path) -> dict:
     meta_path = Path(path) / META
     if not meta_path.is_file():
         raise ValueError(
-            f"{path} is not a movekd student export (no {META}); create one with student.model.export_pretrained"
+            f"{path} is not a movekd student export (no {META}); create one with student.export.export_pretrained"
         )
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:

@@ -1,4 +1,4 @@
-"""Attention-guided multi-teacher KD loss (REFERENCE section 6) and the total training loss.
+"""Attention-guided multi-teacher KD loss (docs/method.md §6) and the total training loss.
 
 Inputs: student patch tokens S ``[B, N, D]`` (student ``hidden_states[-2][:, 1:]``), adapted
 teacher tokens ``{name: [B, N, D]}`` (the CLIP teacher raw), the cached CLIP-teacher ``cls_attn``
@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from cache.strict import from_mapping
 from student.mole import MoLEConfig
 
 TOKEN_WEIGHTINGS = ("attention", "uniform")
@@ -78,10 +79,7 @@ class KDConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> KDConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"KDConfig: unknown field(s) {unknown}")
-        return cls(**d)
+        return from_mapping(cls, d)
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

@@ -1,19 +1,13 @@
-"""The distillation model: LLaVA student (MoLE CLIP -> projector -> LLM) plus teacher adapters.
+"""Building the distillation model for a run: ``build_student(cfg, manifest) -> DistillModel``.
 
-``build_student(cfg, manifest)`` assembles it; ``DistillModel.forward(batch)`` returns every loss
-part as a dict (``loss``, ``loss/text``, ``loss/balance``, ``loss/kd``, ``kd/<teacher>``,
-``weight/<teacher>``...). ``set_trainable`` (``student.trainable``) picks the stage's parameters;
-``export_pretrained``/``load_pretrained`` (``student.export``) save and load a trained student.
+``DistillModel`` itself lives in ``student.distill_model``; ``set_trainable`` (``student.trainable``)
+picks the stage's parameters; ``export_pretrained``/``load_pretrained`` (``student.export``) save
+and load a trained student. Imports point one way: model -> export -> distill_model.
 
 Decisions:
-- The KD target of the student is ``LlavaStudent``'s patch tokens (``hidden_states[-2][:, 1:]``,
-  the projector's input), compared with the cached teacher tokens after the adapters; token and
-  teacher weights use the CLIP teacher's cached ``cls_attn``/``cls_state`` from the batch.
 - Teachers: the config's list (default every teacher in the cache, in manifest order); the
   cache's ``cls_teacher`` is the KD's "CLIP" (raw targets, fixed 0.8 weight in the released rule).
   A cache without a ``cls_teacher`` only works with uniform token and fixed teacher weights.
-- The balance loss is always computed when the tower has MoLE layers (its weight may be 0): the
-  graph then connects every router, which ``student.trainable``'s liveness rule relies on.
 - Building is seeded (``torch.random.fork_rng`` + ``cfg.seed``): every rank and every rebuild
   gets the same fresh MoLE/projector/adapter init, and the caller's RNG is left untouched.
 - The model builder picks ``attn_implementation``: flash-attention-2 when installed, on CUDA,
@@ -22,82 +16,18 @@ Decisions:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import nn
 
 from cache.manifest import CacheManifest
-from student.adapters import adapters_from_manifest, apply_adapters
+from student.adapters import adapters_from_manifest
 from student.config import TrainConfig
-from student.kd_loss import KDConfig, kd_loss, total_loss
+from student.distill_model import DistillModel
+from student.export import check_compatible, load_pretrained
+from student.kd_loss import KDConfig
 from student.llava import LlavaStudent, build_llava, default_attn_implementation
-from student.mole import MoLEConfig, add_mole, mole_balance_loss, mole_modules, mole_routing_stats
-from student.trainable import parameter_categories, set_trainable  # noqa: F401  (re-exported API)
-
-
-class DistillModel(nn.Module):
-    """``LlavaStudent`` with MoLE in its tower, plus one adapter per non-CLIP teacher."""
-
-    def __init__(
-        self,
-        llava: LlavaStudent,
-        adapters: nn.ModuleDict,
-        teachers: tuple[str, ...],
-        clip_name: str | None,
-        kd: KDConfig = KDConfig(),
-        mole: MoLEConfig = MoLEConfig(),
-    ) -> None:
-        super().__init__()
-        missing = sorted(t for t in teachers if t != clip_name and t not in adapters)
-        if missing:
-            raise ValueError(f"teachers {missing} have no adapter (adapters: {sorted(adapters)})")
-        self.llava, self.adapters = llava, adapters
-        self.teachers, self.clip_name = tuple(teachers), clip_name
-        self.kd_config, self.mole_config = kd, mole
-
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.llava.vision_tower
-
-    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Every loss part of one batch (see ``student.kd_loss.total_loss``)."""
-        pixels = batch.get("pixel_values")
-        if pixels is None or batch.get("labels") is None:
-            raise ValueError("a distillation batch needs 'pixel_values' and 'labels' (text-only rows: zero pixels)")
-        out = self.llava(
-            input_ids=batch["input_ids"],
-            labels=batch["labels"],
-            attention_mask=batch.get("attention_mask"),
-            pixel_values=pixels,
-            has_image=batch.get("has_image"),
-        )
-        balance = mole_balance_loss(self.vision_tower) if mole_modules(self.vision_tower) else None
-        kd_out = None
-        if self.teachers:
-            kd_out = kd_loss(
-                out["patch_tokens"],
-                self.adapted_targets(batch),
-                batch.get("cls_attn"),
-                batch.get("cls_state"),
-                self.kd_config,
-                self.clip_name,
-            )
-        return total_loss(out["loss"], balance, kd_out, self.kd_config, self.mole_config.balance_weight)
-
-    def adapted_targets(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        targets = batch.get("targets")
-        if not isinstance(targets, Mapping):
-            raise ValueError("the batch has no 'targets' dict {teacher: [B, N, C]}")
-        missing = sorted(set(self.teachers) - set(targets))
-        if missing:
-            raise ValueError(f"the batch lacks cached features of teacher(s) {missing} (has {sorted(targets)})")
-        return apply_adapters(self.adapters, {t: targets[t] for t in self.teachers})
-
-    def routing_stats(self) -> dict[str, float]:
-        """Per-layer expert fractions of the latest forward (empty without MoLE)."""
-        return mole_routing_stats(self.vision_tower) if mole_modules(self.vision_tower) else {}
+from student.mole import add_mole
+from student.trainable import set_trainable
 
 
 def resolve_teachers(cfg: TrainConfig, manifest: CacheManifest) -> tuple[str, ...]:
@@ -159,8 +89,6 @@ def _fresh(cfg: TrainConfig, manifest: CacheManifest, teachers: tuple[str, ...],
 
 
 def _from_previous_stage(cfg, manifest, teachers, attn) -> DistillModel:
-    from student.export import check_compatible, load_pretrained
-
     model = load_pretrained(cfg.init_from, attn_implementation=attn, kd=cfg.kd)
     dim, tokens = student_geometry(model.llava)
     expected = adapters_from_manifest(manifest, dim, tokens, cfg.adapter_kind)
@@ -179,17 +107,3 @@ def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> int:
             p.data = p.data.to(dtype)
             n += 1
     return n
-
-
-def export_pretrained(model: DistillModel, out_dir, tokenizer=None):
-    """See ``student.export.export_pretrained``."""
-    from student.export import export_pretrained as _export
-
-    return _export(model, out_dir, tokenizer)
-
-
-def load_pretrained(path, torch_dtype=None, attn_implementation=None, kd=None) -> DistillModel:
-    """See ``student.export.load_pretrained``."""
-    from student.export import load_pretrained as _load
-
-    return _load(path, torch_dtype, attn_implementation, kd)

@@ -1,4 +1,4 @@
-"""Mixture of LoRA Experts (MoLE) in the MLPs of an HF CLIP vision encoder (REFERENCE section 5).
+"""Mixture of LoRA Experts (MoLE) in the MLPs of an HF CLIP vision encoder (docs/method.md §5).
 
 ``add_mole(model, cfg)`` swaps ``encoder.layers[i].mlp`` (HF ``CLIPMLP``: fc1 -> act -> fc2) for a
 ``MoLEMLP`` that keeps the original ``fc1``/``fc2`` modules (same objects, same state_dict keys) and
@@ -21,7 +21,7 @@ Decisions:
   checkpointing. It spends the (small) FLOPs of the unchosen experts: about 12 % of the MLP's
   FLOPs at r=32, E=3 on ViT-L, versus about 4 % for a sparse gather. Unchosen experts get exact
   zero gradients (not None), so DDP sees every expert used.
-- Balance loss exactly as REFERENCE: L = mean_b sum_e Pbar_{b,e} f_{b,e} over (layers x tokens),
+- Balance loss exactly as docs/method.md §5: L = mean_b sum_e Pbar_{b,e} f_{b,e} over (layers x tokens),
   with no extra factor E (the Switch-Transformer form multiplies by E; the released code does
   not, so a perfectly balanced router gives 1/E, not 1). Each ``MoLEMLP`` records per-sample
   token means ``[B, E]`` of its probabilities (with grad) and of its one-hot choices (detached) on
@@ -48,6 +48,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cache.strict import from_mapping
 
 INITS = ("released", "lora")
 
@@ -95,10 +97,7 @@ class MoLEConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MoLEConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"MoLEConfig: unknown field(s) {unknown}")
-        return cls(**d)
+        return from_mapping(cls, d)
 
 
 class RoutedLoRA(nn.Module):

@@ -4,11 +4,8 @@ accumulation window, and the numbers logged for it.
 Decisions:
 - Resume position = (epoch, cursor), cursor = samples this rank consumed (trained on) in that
   epoch; counted by the trainer, never by what the loader has prefetched. ``SamplerPosition``
-  applies it: ``student.sampler``'s cursor protocol (``advance`` per trained window, its
-  ``state_dict`` checkpointed and validated on load), or, for plain samplers whose order is a
-  pure function of (seed, epoch, rank, world size) after ``set_epoch`` (torch's
-  ``DistributedSampler``...), skipping ``cursor`` indices (index generation only, no sample is
-  loaded). Plain samplers' ``len`` must be this rank's samples per epoch.
+  applies it through ``student.sampler``'s cursor protocol (``advance`` per trained window, its
+  ``state_dict`` checkpointed and validated on load): the one resume protocol.
 - The DataLoader gets its own seeded generator: creating an iterator then does not draw from the
   global torch RNG, whose state (dropout) is part of the exact-resume contract.
 - Accumulation: each micro-batch loss is divided by the window size (the number of micro-batches
@@ -20,84 +17,65 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from student.distributed import grad_sync
 from student.optim import clip_gradients
 
-
-class ResumeSampler(Sampler):
-    """``sampler``'s current epoch order without its first ``skip`` indices."""
-
-    def __init__(self, sampler, skip: int = 0) -> None:
-        if skip < 0:
-            raise ValueError(f"skip must be >= 0, got {skip}")
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.sampler), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
+_PROTOCOL = ("num_samples", "set_epoch", "advance", "state_dict", "load_state_dict")
 
 
 class SamplerPosition:
-    """Drives a sampler from the trainer's (epoch, cursor) position, with either protocol.
+    """Drives a sampler from the trainer's (epoch, cursor) position.
 
-    "Cursor" samplers (``student.sampler.DistributedLengthGroupedSampler``: ``num_samples``,
-    ``advance``, ``state_dict``/``load_state_dict``) iterate from their own cursor; the trainer
-    advances it per trained window and checkpoints its ``state_dict`` (whose ``load_state_dict``
-    also refuses a changed seed/world size/batch/grouping/dataset size). Plain samplers
-    (``len`` = samples per epoch, ``set_epoch``) are resumed by skipping ``cursor`` indices.
+    One resume protocol (``student.sampler.DistributedLengthGroupedSampler``'s): ``num_samples``
+    per rank per epoch, ``set_epoch``, ``advance`` per trained window, and a ``state_dict`` that
+    is checkpointed and whose ``load_state_dict`` refuses a changed seed/world size/batch/grouping/
+    dataset size. The sampler iterates from its own cursor; nothing is skipped by index.
     """
 
     def __init__(self, sampler) -> None:
+        missing = [a for a in _PROTOCOL if not hasattr(sampler, a)]
+        if missing:
+            raise ValueError(
+                f"the trainer needs a resumable sampler (student.sampler.DistributedLengthGroupedSampler); "
+                f"{type(sampler).__name__} lacks {missing}"
+            )
         self.sampler = sampler
-        self.native = all(hasattr(sampler, a) for a in ("num_samples", "advance", "state_dict", "load_state_dict"))
 
     def samples_per_epoch(self) -> int:
-        return int(self.sampler.num_samples) if self.native else len(self.sampler)
+        return int(self.sampler.num_samples)
 
     def reset(self) -> None:
-        if self.native:
-            self.restore({**self.sampler.state_dict(), "epoch": 0, "cursor": 0}, 0, 0)
+        self.restore({**self.sampler.state_dict(), "epoch": 0, "cursor": 0}, 0, 0)
 
     def restore(self, state: dict | None, epoch: int, cursor: int) -> None:
-        if not self.native:
-            return
         if state is None:
             raise ValueError(
-                "the checkpoint holds no sampler state, but this sampler keeps one "
-                "(it was written with a different kind of sampler)"
+                "the checkpoint holds no sampler state (it was written by an older movekd with a plain "
+                "sampler); resume it with that version or start the run again"
             )
         self.sampler.load_state_dict(state)
         self._check(epoch, cursor)
 
-    def state(self) -> dict | None:
-        return dict(self.sampler.state_dict()) if self.native else None
+    def state(self) -> dict:
+        return dict(self.sampler.state_dict())
 
     def epoch_sampler(self, epoch: int, cursor: int):
         """The sampler to hand the DataLoader for ``epoch``, starting at ``cursor``."""
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-        elif epoch:
-            raise ValueError("the sampler has no set_epoch: it cannot order epochs after the first")
-        if self.native:
-            self._check(epoch, cursor)
-            return self.sampler
-        return ResumeSampler(self.sampler, cursor)
+        self.sampler.set_epoch(epoch)
+        self._check(epoch, cursor)
+        return self.sampler
 
     def advance(self, samples: int, epoch_done: bool, next_epoch: int) -> None:
-        if self.native:
-            self.sampler.advance(samples)
-            if epoch_done:
-                self.sampler.set_epoch(next_epoch)
+        self.sampler.advance(samples)
+        if epoch_done:
+            self.sampler.set_epoch(next_epoch)
 
     def _check(self, epoch: int, cursor: int) -> None:
         st = self.sampler.state_dict()

@@ -1,4 +1,4 @@
-"""Which student parameters train in which stage (REFERENCE section 7), by name category.
+"""Which student parameters train in which stage (docs/method.md §7), by name category.
 
 Every parameter of a ``DistillModel`` falls in exactly one category:
 
@@ -98,7 +98,7 @@ def _category(name: str, first_unread: int, mole_layers: set[int]) -> str:
 
 
 def set_trainable(model: nn.Module, stage: str, tune_vision_base: bool = False) -> dict[str, int]:
-    """Set ``requires_grad`` per REFERENCE section 7; returns trainable element counts by category."""
+    """Set ``requires_grad`` per docs/method.md §7; returns trainable element counts by category."""
     chosen = trainable_categories(stage, tune_vision_base)
     categories = parameter_categories(model)
     counts = dict.fromkeys(sorted(chosen), 0)

@@ -47,9 +47,10 @@ from student.checkpoint import (
     save_checkpoint,
 )
 from student.config import TrainConfig
+from student.distill_model import DistillModel
 from student.distributed import DistContext, wrap_model
 from student.logging_utils import JsonlLogger, plot_losses, reduce_metrics
-from student.model import DistillModel, cast_frozen_, student_geometry
+from student.model import cast_frozen_, student_geometry
 from student.optim import build_optimizer, build_scheduler, total_steps
 from student.train_loop import SamplerPosition, StepTimer, accumulate_window, make_loader, optimizer_step
 

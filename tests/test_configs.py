@@ -1,5 +1,7 @@
-"""Every named preset in jobs/configs resolves (base chains, overrides) into a valid config."""
+"""Every shipped preset resolves (kind, base chains, overrides, tiny blocks) into a valid config,
+and the configuration layer (``jobs.config``) names what is wrong."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -7,38 +9,115 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.extract_config import ExtractConfig, load_yaml_config, parse_override
+from jobs.config import list_presets, load_config, parse_override, read_preset
+from pipeline.extract_config import ExtractConfig
+from student.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRACT_PRESETS = ["movekd_v1_0_pretrain", "movekd_v1_0_finetune", "movekd_v1_1_pretrain", "movekd_v1_1_finetune"]
+SHIPPED = {
+    "movekd_v1_0_pretrain": "extract",
+    "movekd_v1_0_finetune": "extract",
+    "movekd_v1_1_pretrain": "extract",
+    "movekd_v1_1_finetune": "extract",
+    "tiny": "extract",
+    "train_tiny": "train",
+    "train_v1_0_pretrain": "train",
+    "train_v1_0_finetune": "train",
+}
 
 
-@pytest.mark.parametrize("name", EXTRACT_PRESETS)
-def test_extract_presets_resolve(name):
-    cfg = ExtractConfig.from_dict(load_yaml_config(name, {"packed": "/p", "out": "/o"}))
+def test_the_shipped_presets_are_the_listed_ones():
+    assert list_presets() == SHIPPED
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_every_shipped_preset_resolves(name, tmp_path):
+    overrides = {"tiny_teachers.dir": str(tmp_path / "t")} if name == "tiny" else {}
+    if name == "train_tiny":
+        overrides = {"tiny_student.dir": str(tmp_path / "s")}
+    cfg = load_config(name, overrides)
+    assert isinstance(cfg, ExtractConfig if SHIPPED[name] == "extract" else TrainConfig)
+    again = type(cfg).from_dict(json.loads(json.dumps(cfg.to_dict())))  # what --print-config shows round-trips
+    assert again == cfg
+
+
+@pytest.mark.parametrize("name", [n for n, k in SHIPPED.items() if k == "extract" and n.startswith("movekd")])
+def test_extract_presets_hold_the_released_teacher_sets(name):
+    cfg = load_config(name, {"packed": "/p", "out": "/o"})
     aspect = "pad" if "finetune" in name else "square"
     assert {t.aspect for t in cfg.teachers} == {aspect}
     names = [t.name for t in cfg.teachers]
     assert names[0] == "clip" and cfg.cls_teacher == "clip"
-    assert ("sam" in names) == ("v1_1" in name)
+    assert names == (["clip", "sam", "eva", "convnext"] if "v1_1" in name else ["clip", "eva", "convnext"])
+
+
+def test_stage_recipes_are_written_once():
+    """Stage 1 = TrainConfig's defaults (docs/method.md §7); stage 2 = the finetune preset only."""
+    pre, ft = load_config("train_v1_0_pretrain"), load_config("train_v1_0_finetune")
+    defaults = TrainConfig()
+    recipe = (
+        "stage",
+        "lr",
+        "batch_size",
+        "template",
+        "image_aspect_ratio",
+        "epochs",
+        "warmup_ratio",
+        "weight_decay",
+        "vision_tower",
+        "llm",
+        "gradient_checkpointing",
+        "tune_vision_base",
+    )
+    assert {k: getattr(pre, k) for k in recipe} == {k: getattr(defaults, k) for k in recipe}
+    assert (pre.lr, pre.batch_size, pre.template, pre.image_aspect_ratio) == (1e-3, 16, "plain", "square")
+    assert (ft.stage, ft.lr, ft.batch_size, ft.template, ft.image_aspect_ratio) == (
+        "finetune",
+        2e-5,
+        8,
+        "vicuna_v1",
+        "pad",
+    )
+    assert ft.group_by_modality_length and ft.tune_vision_base and ft.init_from.endswith("pretrain/export")
+    _, raw = read_preset("train_v1_0_pretrain")
+    assert not set(raw) & {"lr", "batch_size", "template", "image_aspect_ratio", "epochs"}  # not restated
 
 
 def test_overrides_and_missing_fields():
-    data = load_yaml_config(
+    _, data = read_preset(
         "movekd_v1_0_pretrain", dict([parse_override("teachers.1.resolution=448"), parse_override("batch_size=4")])
     )
     assert data["teachers"][1]["resolution"] == 448 and data["batch_size"] == 4
+    cfg = load_config("movekd_v1_0_pretrain")
     with pytest.raises(ValueError, match=r"missing \['out', 'packed'\]"):
-        ExtractConfig.from_dict(load_yaml_config("movekd_v1_0_pretrain"))
+        cfg.require_io()
     with pytest.raises(FileNotFoundError, match="nope"):
-        load_yaml_config("nope")
+        load_config("nope")
+    with pytest.raises(ValueError, match=r"override 'teachers\.9\.resolution': that path does not exist"):
+        read_preset("movekd_v1_0_pretrain", {"teachers.9.resolution": 1})
+    with pytest.raises(ValueError, match=r"extraction config: unknown field\(s\) \['batchsize'\]"):
+        load_config("movekd_v1_0_pretrain", {"batchsize": 3})
+    with pytest.raises(ValueError, match=r"TrainConfig: unknown field\(s\) \['lrr'\]"):
+        load_config("train_v1_0_pretrain", {"lrr": 3})
+
+
+def test_kind_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="is a train preset; run it with `movekd train`"):
+        load_config("train_v1_0_pretrain", kind="extract")
+    (tmp_path / "mine.yaml").write_text("packed: /p\nout: /o\nteachers: [{name: clip, family: clip}]\n")
+    assert load_config(tmp_path / "mine.yaml", kind="extract").teachers[0].name == "clip"  # kind from the caller
+    with pytest.raises(ValueError, match="'kind' must be one of"):
+        load_config(tmp_path / "mine.yaml")
+    (tmp_path / "var.yaml").write_text("base: movekd_v1_0_pretrain\ncodec: ecsq\n")  # kind from the base
+    cfg = load_config(tmp_path / "var.yaml")
+    assert cfg.codec == "ecsq" and dataclasses.replace(cfg, codec="int8") == load_config("movekd_v1_0_pretrain")
 
 
 def test_base_chain_loop_is_reported(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ValueError, match="loops"):
-        load_yaml_config(tmp_path / "a.yaml")
+        load_config(tmp_path / "a.yaml")
 
 
 def test_cli_print_config():
@@ -62,3 +141,16 @@ def test_cli_print_config():
         check=True,
     )
     assert json.loads(out.stdout)["dataset_name"] == "LLaVA-665K"
+
+
+def test_cli_config_errors_are_one_line_and_exit_2():
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "train", "--config", "movekd_v1_0_pretrain", "--print-config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (
+        "movekd train: bad config: config 'movekd_v1_0_pretrain' is an extract preset; run it with `movekd extract`"
+    )

@@ -100,3 +100,27 @@ def test_cache_verb_stays_free_of_torch():
         "print(sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'movekd_compat'}))\n"
     )
     assert _fresh(code).splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("package", ["cache", "pipeline", "student", "jobs"])
+def test_no_import_cycles_inside_a_package(package):
+    """Every import (function-level ones included) between a package's modules points one way."""
+    root = ROOT / package
+    mods = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in root.rglob("*.py")
+    }
+    graph = {m: {d for _, d in imported_modules(p) if d in mods and d != m and d != package} for m, p in mods.items()}
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        if state.get(m) == 1:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(m) :], m]))
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for d in sorted(graph[m]):
+            visit(d, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        visit(m, [])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.manifest import ASPECT_MODES, RESAMPLE_MODES, PreprocessSpec, TeacherEntry
+from cache.strict import from_mapping
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -100,16 +101,8 @@ class TeacherSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TeacherSpec:
-        if not isinstance(d, Mapping):
-            raise ValueError(f"a teacher spec must be a mapping, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"teacher {d.get('name')!r}: unknown field(s) {unknown} (known: {sorted(names)})")
-        missing = sorted({"name", "family"} - set(d))
-        if missing:
-            raise ValueError(f"teacher {d.get('name')!r}: missing field(s) {missing}")
-        return cls(**d)
+        name = d.get("name") if isinstance(d, Mapping) else None
+        return from_mapping(cls, d, f"teacher {name!r}")
 
 
 @dataclass
@@ -238,52 +231,6 @@ class Teacher:
         return pixels.to(self.device, torch.float32)
 
 
-# -- registry ----------------------------------------------------------------------------
-_REGISTRY: dict[str, Callable[[TeacherSpec, torch.device], Teacher]] = {}
-
-
-def register_teacher(name: str) -> Callable:
-    """Decorator: register ``builder(spec, device) -> Teacher`` under a family name. Generic
-    families register their prefix with a trailing colon (``"hf:"``) and receive every
-    ``hf:<argument>`` family."""
-
-    def deco(builder: Callable[[TeacherSpec, torch.device], Teacher]) -> Callable:
-        if name in _REGISTRY:
-            raise ValueError(f"teacher family {name!r} is already registered")
-        _REGISTRY[name] = builder
-        return builder
-
-    return deco
-
-
-def list_teachers() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def split_family(family: str) -> tuple[str, str]:
-    """``"hf:facebook/x"`` -> ``("hf:", "facebook/x")``; ``"clip"`` -> ``("clip", "")``; a bare
-    generic prefix (``"hf"``) is accepted too, with the argument then taken from ``source``."""
-    if ":" in family:
-        prefix, arg = family.split(":", 1)
-        return prefix + ":", arg
-    if family + ":" in _REGISTRY:
-        return family + ":", ""
-    return family, ""
-
-
-def build_teacher(spec: TeacherSpec, device: torch.device | str = "cpu") -> Teacher:
-    """Load, freeze and probe the teacher ``spec`` names, on ``device``."""
-    if not isinstance(spec, TeacherSpec):
-        raise ValueError(f"build_teacher needs a TeacherSpec, got {type(spec).__name__}")
-    key, _ = split_family(spec.family)
-    if key not in _REGISTRY:
-        raise ValueError(
-            f"teacher {spec.name}: unknown family {spec.family!r}; registered: {list_teachers()} "
-            "(generic ones take an argument: 'hf:<path-or-id>', 'timm:<model_name>')"
-        )
-    return _REGISTRY[key](spec, torch.device(device))
-
-
 # -- helpers shared by the families --------------------------------------------------------
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
@@ -338,7 +285,7 @@ def with_source(spec: TeacherSpec, default: str) -> TeacherSpec:
 def clip_style_preprocess(
     resolution: int, aspect: str, mean=CLIP_MEAN, std=CLIP_STD, interpolation: str = "bicubic"
 ) -> PreprocessSpec:
-    """CLIPImageProcessor-style: shortest edge, centre crop (REFERENCE section 3)."""
+    """CLIPImageProcessor-style: shortest edge, centre crop (docs/method.md §3)."""
     return PreprocessSpec(
         resolution=resolution,
         resize="shortest_edge",

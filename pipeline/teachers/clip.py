@@ -1,4 +1,4 @@
-"""The CLIP teacher (REFERENCE sections 2 and 6): patch tokens, CLS state and CLS attention row.
+"""The CLIP teacher (docs/method.md §2.2 and §6): patch tokens, CLS state and CLS attention row.
 
 Decisions:
 - Tapped tensor: ``hidden_states[layer]`` (default -2, LLaVA's ``mm_vision_select_layer``),
@@ -18,17 +18,25 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.teachers.base import (
-    NativeOutput,
-    Teacher,
-    TeacherSpec,
-    clip_style_preprocess,
-    register_teacher,
-    with_source,
-)
-from pipeline.teachers.hf import accepts_kwarg, load_hf, square_grid_from_config
+from pipeline.teachers.base import NativeOutput, Teacher, TeacherSpec, clip_style_preprocess, with_source
+from pipeline.teachers.hf import accepts_kwarg, load_hf
+from pipeline.teachers.hf_info import hf_config, square_grid_from_config
+from pipeline.teachers.registry import TeacherInfo, make_info, register_info, register_teacher
 
 DEFAULT_SOURCE = "openai/clip-vit-large-patch14-336"
+# The released checkpoint's vision config (what --dry-run needs, offline).
+KNOWN_CONFIGS = {DEFAULT_SOURCE: dict(image_size=336, patch_size=14, hidden_size=1024, num_hidden_layers=24)}
+
+
+def clip_info(spec: TeacherSpec, config) -> TeacherInfo:
+    """Outputs of the CLIP teacher ``spec`` with this (vision) config: patch tokens of
+    ``hidden_states[layer]``, their [CLS] state and [CLS] attention row."""
+    cfg = getattr(config, "vision_config", config)
+    layer = -2 if spec.layer is None else spec.layer
+    resolution = spec.resolution or int(cfg.image_size)
+    grid = square_grid_from_config(resolution, cfg, spec.name)
+    pre = clip_style_preprocess(resolution, spec.aspect)
+    return make_info(spec, pre, f"hidden_states[{layer}][:, 1:]", grid, int(cfg.hidden_size), has_cls=True)
 
 
 class ClipTeacher(Teacher):
@@ -44,17 +52,17 @@ class ClipTeacher(Teacher):
             )
         self.hs_index = index
         self.attn_layer = layers[index - 1]
-        resolution = spec.resolution or int(cfg.image_size)
-        self.patch_grid = square_grid_from_config(resolution, cfg, spec.name)
+        info = clip_info(spec, cfg)
+        self.patch_grid = info.native_grid
         self.forward_kwargs = {}
-        if resolution != int(cfg.image_size) and accepts_kwarg(model, "interpolate_pos_encoding"):
+        if info.preprocess.resolution != int(cfg.image_size) and accepts_kwarg(model, "interpolate_pos_encoding"):
             self.forward_kwargs["interpolate_pos_encoding"] = True
         super().__init__(
             spec,
             model,
             device,
-            clip_style_preprocess(resolution, spec.aspect),
-            layer=f"hidden_states[{layer}][:, 1:]",
+            info.preprocess,
+            layer=info.layer,
             has_cls=True,
             arch_info={"class": type(model).__name__, "model_kwargs": spec.model_kwargs},
         )
@@ -94,3 +102,9 @@ def build_clip(spec: TeacherSpec, device: torch.device) -> Teacher:
     spec = with_source(spec, DEFAULT_SOURCE)
     model = load_hf(CLIPVisionModel, spec, device)
     return ClipTeacher(spec, model, device)
+
+
+@register_info("clip")
+def describe_clip(spec: TeacherSpec) -> TeacherInfo:
+    spec = with_source(spec, DEFAULT_SOURCE)
+    return clip_info(spec, hf_config(spec, KNOWN_CONFIGS))

@@ -28,34 +28,28 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from cache.manifest import PreprocessSpec
-from pipeline.teachers.base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    NativeOutput,
-    Teacher,
-    TeacherSpec,
-    clip_style_preprocess,
-    register_teacher,
-    split_family,
-    square_grid,
-    with_source,
+from pipeline.teachers.base import NativeOutput, Teacher, TeacherSpec, with_source
+from pipeline.teachers.hf_info import (
+    DEFAULT_SOURCES,
+    SAM_LAYER,
+    TeacherInfo,
+    config_image_size,
+    dinov2_info,
+    generic_info,
+    generic_source,
+    pix2struct_info,
+    pix2struct_patch,
+    sam_info,
+    siglip_info,
+    siglip_layer,
 )
+from pipeline.teachers.registry import register_teacher
 
-DEFAULT_SOURCES = {
-    "sam": "facebook/sam-vit-large",
-    "dinov2": "facebook/dinov2-large",
-    "siglip": "google/siglip-so400m-patch14-384",
-    "pix2struct": "google/pix2struct-large",
-}
-_PIL_RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic", 4: "area"}
 # Weights that only feed pooled/classifier outputs, never a hidden state: a checkpoint may lack them.
 _OUTPUT_ONLY_PREFIXES = ("pooler.", "head.", "vision_model.head.")
 
@@ -96,37 +90,24 @@ def accepts_kwarg(model: torch.nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
-def square_grid_from_config(resolution: int, cfg, what: str) -> tuple[int, int]:
-    patch = getattr(cfg, "patch_size", None)
-    if patch is None:
-        raise ValueError(f"teacher {what}: the model config has no patch_size; cannot derive a token grid")
-    return square_grid(resolution, patch, f"teacher {what}")
-
-
-def _config_image_size(cfg) -> int | None:
-    size = getattr(cfg, "image_size", None)
-    return int(size[0] if isinstance(size, (list, tuple)) else size) if size is not None else None
-
-
 # -- hidden-state teachers (dinov2, siglip, generic hf) -------------------------------------
 class HFTeacher(Teacher):
     """Patch tokens of ``hidden_states[layer]`` or ``last_hidden_state`` of an HF vision model."""
 
-    def __init__(self, spec: TeacherSpec, model, device, preprocess: PreprocessSpec, layer: int | None):
+    def __init__(self, spec: TeacherSpec, model, device, info: TeacherInfo, layer: int | None):
         self.hs_layer = layer
-        self.patch_grid = square_grid_from_config(preprocess.resolution, model.config, spec.name)
+        self.patch_grid = info.native_grid
         self.forward_kwargs = {}
-        if preprocess.resolution != _config_image_size(model.config) and accepts_kwarg(
+        if info.preprocess.resolution != config_image_size(model.config) and accepts_kwarg(
             model, "interpolate_pos_encoding"
         ):
             self.forward_kwargs["interpolate_pos_encoding"] = True
-        where = "last_hidden_state" if layer is None else f"hidden_states[{layer}]"
         super().__init__(
             spec,
             model,
             device,
-            preprocess,
-            layer=f"{where} patch tokens (prefix tokens dropped)",
+            info.preprocess,
+            layer=info.layer,
             arch_info={"class": type(model).__name__, "model_kwargs": spec.model_kwargs},
         )
 
@@ -146,8 +127,7 @@ def build_dinov2(spec: TeacherSpec, device: torch.device) -> Teacher:
 
     spec = with_source(spec, DEFAULT_SOURCES["dinov2"])
     model = load_hf(Dinov2Model, spec, device)
-    pp = clip_style_preprocess(spec.resolution or 224, spec.aspect, IMAGENET_MEAN, IMAGENET_STD)
-    return HFTeacher(spec, model, device, pp, spec.layer)
+    return HFTeacher(spec, model, device, dinov2_info(spec, model.config), spec.layer)
 
 
 @register_teacher("siglip")
@@ -156,9 +136,7 @@ def build_siglip(spec: TeacherSpec, device: torch.device) -> Teacher:
 
     spec = with_source(spec, DEFAULT_SOURCES["siglip"])
     model = load_hf(SiglipVisionModel, spec, device)
-    resolution = spec.resolution or _config_image_size(model.config)
-    pp = clip_style_preprocess(resolution, spec.aspect, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    return HFTeacher(spec, model, device, pp, -2 if spec.layer is None else spec.layer)
+    return HFTeacher(spec, model, device, siglip_info(spec, model.config), siglip_layer(spec))
 
 
 @register_teacher("hf:")
@@ -167,27 +145,9 @@ def build_hf_generic(spec: TeacherSpec, device: torch.device) -> Teacher:
     forward takes ``pixel_values`` and whose config has ``patch_size``."""
     from transformers import AutoModel
 
-    spec = with_source(spec, split_family(spec.family)[1])
-    if not spec.source:
-        raise ValueError(f"teacher {spec.name}: family 'hf' needs 'hf:<path-or-id>' or a source")
+    spec = generic_source(spec)
     model = load_hf(AutoModel, spec, device)
-    resolution = spec.resolution or _config_image_size(model.config)
-    if resolution is None:
-        raise ValueError(f"teacher {spec.name}: the config has no image_size; set 'resolution'")
-    mean, std, interpolation = _processor_stats(spec.source)
-    pp = clip_style_preprocess(resolution, spec.aspect, mean, std, interpolation)
-    return HFTeacher(spec, model, device, pp, spec.layer)
-
-
-def _processor_stats(source: str) -> tuple[tuple, tuple, str]:
-    """mean/std/interpolation from a local ``preprocessor_config.json``; ImageNet/bicubic otherwise."""
-    path = os.path.join(source, "preprocessor_config.json")
-    if not os.path.isfile(path):
-        return IMAGENET_MEAN, IMAGENET_STD, "bicubic"
-    with open(path) as f:
-        cfg = json.load(f)
-    interpolation = _PIL_RESAMPLE_NAMES.get(cfg.get("resample", 3), "bicubic")
-    return tuple(cfg.get("image_mean", IMAGENET_MEAN)), tuple(cfg.get("image_std", IMAGENET_STD)), interpolation
+    return HFTeacher(spec, model, device, generic_info(spec, model.config), spec.layer)
 
 
 # -- sam -----------------------------------------------------------------------------------
@@ -201,51 +161,34 @@ class SamTeacher(Teacher):
 def build_sam(spec: TeacherSpec, device: torch.device) -> Teacher:
     from transformers import SamVisionModel
 
-    if spec.layer is not None:
-        raise ValueError(f"teacher {spec.name}: sam taps the neck output only; 'layer' must be unset")
     spec = with_source(spec, DEFAULT_SOURCES["sam"])
+    if spec.layer is not None:  # before loading: no point reading the weights
+        sam_info(spec, None)
     model = load_hf(SamVisionModel, spec, device)
-    size = _config_image_size(model.config)
-    resolution = spec.resolution or size
-    if resolution != size:
-        raise ValueError(f"teacher {spec.name}: sam needs resolution == config.image_size ({size}), got {resolution}")
-    pp = PreprocessSpec(
-        resolution=resolution,
-        resize="longest_edge",
-        crop="none",
-        pad="bottom_right",
-        aspect=spec.aspect,
-        interpolation="bilinear",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-    )
+    info = sam_info(spec, model.config)
     return SamTeacher(
         spec,
         model,
         device,
-        pp,
-        layer="vision_encoder.neck output (channels-last, row-major)",
+        info.preprocess,
+        layer=SAM_LAYER,
         arch_info={"class": type(model).__name__, "model_kwargs": spec.model_kwargs},
     )
 
 
 # -- pix2struct ----------------------------------------------------------------------------
 class Pix2StructTeacher(Teacher):
-    def __init__(self, spec: TeacherSpec, model, device, resolution: int):
-        depth = int(model.config.patch_embed_hidden_size)
-        self.patch = int(round(math.sqrt(depth / 3)))
-        if self.patch * self.patch * 3 != depth:
-            raise ValueError(f"teacher {spec.name}: patch_embed_hidden_size {depth} is not 3 * p * p")
-        self.patch_grid = square_grid(resolution, self.patch, f"teacher {spec.name}")
+    def __init__(self, spec: TeacherSpec, model, device):
+        info = pix2struct_info(spec, model.config)
+        self.patch = pix2struct_patch(spec, model.config)
+        self.patch_grid = info.native_grid
         self.hs_layer = spec.layer
-        pp = clip_style_preprocess(resolution, spec.aspect, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear")
-        where = "last_hidden_state" if spec.layer is None else f"hidden_states[{spec.layer}]"
         super().__init__(
             spec,
             model,
             device,
-            pp,
-            layer=f"encoder {where} (fixed {self.patch_grid} patch grid)",
+            info.preprocess,
+            layer=info.layer,
             arch_info={"class": type(model).__name__, "model_kwargs": spec.model_kwargs},
         )
 
@@ -286,4 +229,4 @@ def build_pix2struct(spec: TeacherSpec, device: torch.device) -> Teacher:
         model = load_hf(Pix2StructForConditionalGeneration, spec, device).encoder
     else:
         model = load_hf(Pix2StructVisionModel, spec, device)
-    return Pix2StructTeacher(spec, model, device, spec.resolution or 512)
+    return Pix2StructTeacher(spec, model, device)

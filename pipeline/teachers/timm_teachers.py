@@ -17,7 +17,7 @@ Decisions:
   tokens), which timm does not ship. The nearest timm model is EVA-02-L with its MIM (Merged-38M)
   weights, built with ``img_size=resolution`` and ``patch_size=16``: timm resamples the 14 px patch
   embedding to 16 px on load, as the ViTDet recipe did. Windowed attention and the detection
-  fine-tune are not reproduced. CLIP mean/std, shortest edge 1024 + centre crop (REFERENCE 3).
+  fine-tune are not reproduced. CLIP mean/std, shortest edge 1024 + centre crop (docs/method.md §3).
 - convnext: ``convnext_xxlarge`` stage-4 output, no norm, 32x32x3072 at 1024 px. The released code
   asks timm for ``convnext_xxlarge`` whose default tag is the in1k fine-tune of the LAION-2B soup.
 - timm generic: mean/std/interpolation from the model's pretrained config, resolution from it
@@ -26,48 +26,39 @@ Decisions:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
-from pipeline.teachers.base import (
-    NativeOutput,
-    Teacher,
-    TeacherSpec,
-    clip_style_preprocess,
-    register_teacher,
-    split_family,
-    with_source,
-)
+from pipeline.teachers.base import NativeOutput, Teacher, TeacherSpec, clip_style_preprocess, with_source
+from pipeline.teachers.registry import TeacherInfo, make_info, register_info, register_teacher, split_family
 
 EVA_ARCH, EVA_SOURCE = "eva02_large_patch14_224", "timm/eva02_large_patch14_224.mim_m38m"
 CONVNEXT_ARCH, CONVNEXT_SOURCE = "convnext_xxlarge", "timm/convnext_xxlarge.clip_laion2b_soup_ft_in1k"
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
+def timm_layer(spec: TeacherSpec) -> str:
+    where = "last block/stage" if spec.layer is None else f"block/stage {spec.layer}"
+    return f"forward_intermediates: {where} output, no norm, prefix tokens dropped"
+
+
+def timm_features(model: torch.nn.Module, pixels: torch.Tensor, block: int | None) -> torch.Tensor:
+    """[B, C, H, W]: the block/stage output, no final norm, prefix tokens dropped (timm)."""
+    indices = 1 if block is None else [block]
+    return model.forward_intermediates(
+        pixels, indices=indices, norm=False, stop_early=True, output_fmt="NCHW", intermediates_only=True
+    )[0]
+
+
 class TimmTeacher(Teacher):
     def __init__(self, spec: TeacherSpec, model, device, preprocess, arch_info: dict):
         self.block = spec.layer
-        where = "last block/stage" if spec.layer is None else f"block/stage {spec.layer}"
-        super().__init__(
-            spec,
-            model,
-            device,
-            preprocess,
-            layer=f"forward_intermediates: {where} output, no norm, prefix tokens dropped",
-            arch_info=arch_info,
-        )
+        super().__init__(spec, model, device, preprocess, layer=timm_layer(spec), arch_info=arch_info)
 
     def _forward(self, pixels: torch.Tensor) -> NativeOutput:
-        indices = 1 if self.block is None else [self.block]
-        feats = self.model.forward_intermediates(
-            pixels,
-            indices=indices,
-            norm=False,
-            stop_early=True,
-            output_fmt="NCHW",
-            intermediates_only=True,
-        )[0]
+        feats = timm_features(self.model, pixels, self.block)
         return NativeOutput(tokens=feats.flatten(2).transpose(1, 2), grid=tuple(feats.shape[-2:]))
 
 
@@ -95,60 +86,69 @@ def load_timm(arch: str | None, spec: TeacherSpec, kwargs: dict) -> torch.nn.Mod
         raise ValueError(f"teacher {spec.name}: cannot load timm {arch or source!r} from {source!r}: {e}") from e
 
 
-@register_teacher("eva")
-def build_eva(spec: TeacherSpec, device: torch.device) -> Teacher:
+# -- per family: (spec with its source, timm arch, create_model kwargs, preprocessing of a model) --
+def _eva(spec: TeacherSpec):
     spec = with_source(spec, EVA_SOURCE)
     resolution = spec.resolution or 1024
     kwargs = {"img_size": resolution, "patch_size": 16, **spec.model_kwargs}
     if kwargs["img_size"] != resolution:
         raise ValueError(f"teacher {spec.name}: model_kwargs img_size {kwargs['img_size']} != resolution {resolution}")
-    arch = spec.arch or EVA_ARCH
-    model = load_timm(arch, spec, kwargs)
-    return TimmTeacher(
-        spec,
-        model,
-        device,
-        clip_style_preprocess(resolution, spec.aspect),
-        arch_info={"arch": arch, "model_kwargs": kwargs},
-    )
+    return spec, spec.arch or EVA_ARCH, kwargs, lambda model: clip_style_preprocess(resolution, spec.aspect)
 
 
-@register_teacher("convnext")
-def build_convnext(spec: TeacherSpec, device: torch.device) -> Teacher:
+def _convnext(spec: TeacherSpec):
     spec = with_source(spec, CONVNEXT_SOURCE)
-    arch = spec.arch or CONVNEXT_ARCH
-    kwargs = dict(spec.model_kwargs)
-    model = load_timm(arch, spec, kwargs)
-    return TimmTeacher(
-        spec,
-        model,
-        device,
-        clip_style_preprocess(spec.resolution or 1024, spec.aspect),
-        arch_info={"arch": arch, "model_kwargs": kwargs},
-    )
+    resolution = spec.resolution or 1024
+    pre = lambda model: clip_style_preprocess(resolution, spec.aspect)  # noqa: E731
+    return spec, spec.arch or CONVNEXT_ARCH, dict(spec.model_kwargs), pre
 
 
-@register_teacher("timm:")
-def build_timm_generic(spec: TeacherSpec, device: torch.device) -> Teacher:
-    """``timm:<model_name>``: ``source`` is a checkpoint file, a hub id, or empty (timm default)."""
-    from timm.data import resolve_data_config
-
+def _generic(spec: TeacherSpec):
+    """``timm:<model_name>``: mean/std/interpolation from the model's pretrained config."""
     arch = split_family(spec.family)[1] or spec.arch
     if not arch:
         raise ValueError(f"teacher {spec.name}: family 'timm' needs 'timm:<model_name>' or 'arch'")
-    kwargs = dict(spec.model_kwargs)
+
+    def pre(model):
+        from timm.data import resolve_data_config
+
+        data = resolve_data_config({}, model=model)
+        resolution = spec.resolution or _model_img_size(model) or int(data["input_size"][-1])
+        interpolation = data.get("interpolation", "bicubic")
+        interpolation = interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic"
+        return clip_style_preprocess(resolution, spec.aspect, tuple(data["mean"]), tuple(data["std"]), interpolation)
+
+    return spec, arch, dict(spec.model_kwargs), pre
+
+
+_FAMILIES = {"eva": _eva, "convnext": _convnext, "timm:": _generic}
+
+
+def _build(family: str, spec: TeacherSpec, device: torch.device) -> Teacher:
+    spec, arch, kwargs, pre = _FAMILIES[family](spec)
     model = load_timm(arch, spec, kwargs)
-    data = resolve_data_config({}, model=model)
-    resolution = spec.resolution or _model_img_size(model) or int(data["input_size"][-1])
-    interpolation = data.get("interpolation", "bicubic")
-    pp = clip_style_preprocess(
-        resolution,
-        spec.aspect,
-        tuple(data["mean"]),
-        tuple(data["std"]),
-        interpolation if interpolation in ("bicubic", "bilinear", "nearest") else "bicubic",
-    )
-    return TimmTeacher(spec, model, device, pp, arch_info={"arch": arch, "model_kwargs": kwargs})
+    return TimmTeacher(spec, model, device, pre(model), arch_info={"arch": arch, "model_kwargs": kwargs})
+
+
+def _describe(family: str, spec: TeacherSpec) -> TeacherInfo:
+    """The architecture built on the meta device (no weights, no memory), run on a meta tensor."""
+    import timm
+
+    spec, arch, kwargs, pre = _FAMILIES[family](spec)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+            preprocess = pre(model)
+            r = preprocess.resolution
+            feats = timm_features(model, torch.empty(1, 3, r, r), spec.layer)
+    except RuntimeError as e:
+        raise ValueError(f"teacher {spec.name}: cannot build timm {arch!r} with {kwargs}: {e}") from e
+    return make_info(spec, preprocess, timm_layer(spec), tuple(feats.shape[-2:]), int(feats.shape[1]))
+
+
+for _family in _FAMILIES:
+    register_teacher(_family)(functools.partial(_build, _family))
+    register_info(_family)(functools.partial(_describe, _family))
 
 
 def _model_img_size(model: torch.nn.Module) -> int | None:

@@ -77,7 +77,7 @@ def test_missing_and_unknown_fields_are_named(manifest):
         CacheManifest.from_dict(d)
     d = manifest.to_dict()
     del d["teachers"][0]["preprocess"]
-    with pytest.raises(ManifestError, match="teacher 'clip': missing 'preprocess'"):
+    with pytest.raises(ManifestError, match=r"teacher 'clip': missing field\(s\) \['preprocess'\]"):
         CacheManifest.from_dict(d)
     d = manifest.to_dict()
     d["teachers"][0]["preprocess"]["gamma"] = 2.2

@@ -18,6 +18,8 @@ import pytest
 import yaml
 
 from cache import open_cache, verify_cache
+from jobs.config import load_config
+from pipeline.extract import extract_in_process
 from tests.helpers.datasets import pack_crops
 from tests.helpers.ray_cluster import BIN, loopback_env, ray_cluster
 
@@ -111,6 +113,22 @@ def test_extraction_via_ray_job_submit(tmp_path, tiny_dir):
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in job.stdout and "0 failed (of 3 incl. the no-image row)" in job.stdout
     assert_complete(tmp_path / "cache", packed)
+    assert_same_as_in_process(tmp_path / "cache", config)
+
+
+def assert_same_as_in_process(ray_cache: Path, config: Path) -> None:
+    """The Ray runner and the in-process runner start from the same plan: same manifest identity,
+    byte-identical data files, and commit markers equal but for when and where they were written."""
+    local = ray_cache.parent / "cache-in-process"
+    assert extract_in_process(load_config(config, {"out": str(local)})).ok
+    a, b = open_cache(ray_cache), open_cache(local)
+    assert a.manifest.identity() == b.manifest.identity()
+    files = sorted(p.relative_to(ray_cache) for p in ray_cache.rglob("*") if p.is_file() and p.parts[-2] != "_reports")
+    data = [f for f in files if f.parts[0] in ("teachers", "aux") and f.name != "zarr.json"]
+    assert data and all((ray_cache / f).read_bytes() == (local / f).read_bytes() for f in data)
+    for shard, commit in a.commits.items():
+        other = b.commits[shard]
+        assert (commit.keys, commit.failed, commit.checksums) == (other.keys, other.failed, other.checksums)
 
 
 def test_worker_killed_mid_job_is_replaced_and_its_shard_retried(tmp_path, tiny_dir):

@@ -37,12 +37,11 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from cache import CacheWriter, open_cache, verify_cache
-from jobs.train import Dist, add_arguments, build_training, materialize_tiny_student, resolve_config, run
-from pipeline.extract import _manifest
+from cache import open_cache, verify_cache
+from jobs.config import expand_tiny_student
+from jobs.train import Dist, add_arguments, build_training, resolve_config, run
+from pipeline.extract import extract_in_process
 from pipeline.extract_config import ExtractConfig
-from pipeline.extract_worker import ShardExtractor
-from pipeline.packed_dataset import PackedDataset
 from pipeline.packing import pack_dataset
 from pipeline.teachers.tiny import make_tiny_teachers
 from tests.helpers import train_stop
@@ -64,15 +63,6 @@ class World:
     caches: dict[str, str]  # codec -> cache dir
 
 
-def extract_in_process(cfg: ExtractConfig) -> None:
-    packed = PackedDataset(cfg.packed)
-    worker = ShardExtractor(cfg)
-    manifest = _manifest(cfg, packed, worker.describe())
-    CacheWriter.create(cfg.out, manifest)
-    for shard in range(manifest.num_shards + 1):  # + the reserved no-image row
-        worker.process(shard, manifest.to_dict())
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("train")
@@ -83,7 +73,7 @@ def world(tmp_path_factory) -> World:
     caches = {}
     for codec in ("fp16", "int8"):
         caches[codec] = str(root / f"cache-{codec}")
-        extract_in_process(
+        assert extract_in_process(
             ExtractConfig(
                 packed=packed,
                 out=caches[codec],
@@ -95,9 +85,9 @@ def world(tmp_path_factory) -> World:
                 device="cpu",
                 progress=False,
             )
-        )
+        ).ok
     student_dir = str(root / "student")
-    materialize_tiny_student({"tiny_student": {"dir": student_dir}})  # once, before parallel runs
+    expand_tiny_student({"tiny_student": {"dir": student_dir}})  # once, before parallel runs
     return World(root, data_json, packed, str(root / "teachers"), student_dir, caches)
 
 
@@ -382,8 +372,9 @@ def test_demo_end_to_end(tmp_path):
     with Image.open(pngs[0]) as img:
         img.verify()
         assert img.format == "PNG" and min(img.size) > 0
-    log = out / "train" / "train_log.jsonl"
-    if log.is_file():  # the demo's training stage (skipped with --train-steps 0)
-        records = read_log(out / "train")
-        assert records and all(math.isfinite(r[k]) for r in records for k in r if k.startswith("loss"))
-        assert (out / "train" / "export" / "student.safetensors").is_file()
+    # The demo trains by default (--train-steps 6): its log and export must exist.
+    records = read_log(out / "train")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(math.isfinite(r[k]) for r in records for k in r if k.startswith("loss"))
+    assert {"loss", "loss/text", "loss/kd", "loss/balance"} <= set(records[0])
+    assert (out / "train" / "export" / "student.safetensors").is_file()

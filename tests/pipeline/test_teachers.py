@@ -7,6 +7,8 @@ Tolerance 1e-5 (abs and rel): both sides run the same fp32 kernels on CPU; only 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import timm
@@ -18,7 +20,14 @@ from skimage import data
 
 from cache.manifest import TeacherEntry
 from cache.preprocess import null_image_tensor, preprocess_image
-from pipeline.teachers import TINY_FAMILIES, TeacherSpec, build_teacher, list_teachers, make_tiny_teachers
+from pipeline.teachers import (
+    TINY_FAMILIES,
+    TeacherSpec,
+    build_teacher,
+    describe_teacher,
+    list_teachers,
+    make_tiny_teachers,
+)
 from pipeline.teachers.base import weights_fingerprint
 from pipeline.teachers.hf import pix2struct_patches
 
@@ -319,3 +328,52 @@ def test_build_errors_are_value_errors(tiny, tmp_path):
         build_teacher(TeacherSpec(**{**tiny["hf"].to_dict(), "layer": 7}))
     with pytest.raises(ValueError, match="no tiny teacher"):
         make_tiny_teachers(tmp_path, families=["vgg"])
+
+
+# -- metadata without weights (describe_teacher, movekd extract --dry-run) ------------------------
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_description_equals_the_loaded_teacher(tiny, family):
+    info = describe_teacher(tiny[family])
+    teacher = build_teacher(tiny[family])
+    assert (info.preprocess, info.native_grid, info.grid, info.channels, info.layer, info.has_cls) == (
+        teacher.preprocess_spec,
+        teacher.native_grid,
+        teacher.grid,
+        teacher.channels,
+        teacher.layer,
+        teacher.has_cls,
+    )
+    entry = teacher.manifest_entry("int8")
+    assert info.tokens == entry.tokens and info.source == entry.source
+
+
+def test_released_teachers_describe_offline_without_weights():
+    """The v1.1 teacher set at its released defaults: shapes of docs/method.md §2, nothing downloaded."""
+    want = {
+        "clip": ((24, 24), 1024, 336, True),
+        "eva": ((64, 64), 1024, 1024, False),
+        "convnext": ((32, 32), 3072, 1024, False),
+        "sam": ((64, 64), 256, 1024, False),
+    }
+    for name, (grid, channels, resolution, has_cls) in want.items():
+        info = describe_teacher(TeacherSpec(name=name, family=name, resolution=None if name != "eva" else 1024))
+        assert (info.grid, info.channels, info.preprocess.resolution, info.has_cls) == (
+            grid,
+            channels,
+            resolution,
+            has_cls,
+        )
+    sam = describe_teacher(TeacherSpec(name="sam", family="sam"))
+    assert sam.source == "facebook/sam-vit-large" and sam.preprocess.resize == "longest_edge"
+    resampled = describe_teacher(TeacherSpec(name="eva", family="eva", resample="area", resample_grid=(24, 24)))
+    assert resampled.native_grid == (64, 64) and resampled.grid == (24, 24)
+    assert resampled.stored_bytes_per_image("int8") == 576 * 1024 + 576 * 4  # int8 values + a float32 scale per token
+
+
+def test_a_wrong_description_is_caught_when_the_teacher_loads(tiny, monkeypatch):
+    from pipeline.teachers import registry
+
+    real = registry._INFO["dinov2"]
+    monkeypatch.setitem(registry._INFO, "dinov2", lambda spec: dataclasses.replace(real(spec), channels=7))
+    with pytest.raises(ValueError, match=r"metadata does not match the loaded model: channels: model=32 metadata=7"):
+        build_teacher(tiny["dinov2"])

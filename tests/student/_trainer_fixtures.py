@@ -1,5 +1,5 @@
 """Shared pieces for the trainer/checkpoint/DDP tests: tiny models, a random in-memory dataset
-with the ``student.data`` batch contract, a deterministic block sampler, and a child-process entry.
+with the ``student.data`` batch contract, the project's sampler (and a fixed-order subclass), and a child-process entry.
 
 The dataset mirrors ``DistillDataset``'s sample dict (``input_ids``, ``labels``, ``pixel_values``,
 ``has_image``, ``targets`` {teacher: [N, C]}, ``cls_state`` [C], ``cls_attn`` [N], ``key``) so the
@@ -20,10 +20,11 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from cache.manifest import CacheManifest, PreprocessSpec, TeacherEntry
-from student.config import TrainConfig, preset
+from student.config import TrainConfig
 from student.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from student.llava import collate
 from student.mole import MoLEConfig
+from student.sampler import DistributedLengthGroupedSampler
 
 VISION_DIM, TOKENS, PAD_ID, ANSWER = 32, 16, 3, 6  # tiny CLIP: 56 px / 14 px = 4x4 patches
 
@@ -110,49 +111,20 @@ def collate_fn(samples: list[dict]) -> dict:
     return batch
 
 
-class BlockSampler:
-    """Epoch order = seeded permutation (or identity); rank r takes blocks r, r+W, r+2W... of
-    ``block`` indices, so W ranks with batch ``block`` see exactly one rank's batch ``W*block``."""
+class FixedOrderSampler(DistributedLengthGroupedSampler):
+    """The project's sampler (same cursor protocol, sharding and resume checks) with the identity
+    as its global order, for tests that need row i in position i (e.g. one fixed batch)."""
 
-    def __init__(
-        self, n: int, block: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True
-    ) -> None:
-        self.n, self.block, self.rank, self.world = n, block, rank, world_size
-        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n // (self.block * self.world) * self.block
-
-    def __iter__(self):
-        order = (
-            torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            if self.shuffle
-            else torch.arange(self.n)
-        )
-        for k in range(len(self) // self.block):
-            start = (k * self.world + self.rank) * self.block
-            yield from order[start : start + self.block].tolist()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]
+    def global_order(self, epoch: int) -> list[int]:
+        return list(range(len(self.lengths)))
 
 
 def make_sampler(kind: str, dataset, batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):
-    """``"block"``: the plain test sampler (trainer skips indices); ``"none"``/``"modality_length"``:
-    ``student.sampler.DistributedLengthGroupedSampler`` (cursor protocol) with that grouping."""
-    if kind == "block":
-        return BlockSampler(len(dataset), batch, rank=rank, world_size=world_size, seed=seed)
-    from student.sampler import DistributedLengthGroupedSampler
-
-    return DistributedLengthGroupedSampler.from_dataset(
-        dataset, batch, grouping=kind, rank=rank, world_size=world_size, seed=seed
-    )
+    """``student.sampler.DistributedLengthGroupedSampler`` with grouping ``kind`` (``"none"``,
+    ``"length"``, ``"modality_length"``), or ``"fixed"``: ``FixedOrderSampler``."""
+    cls = FixedOrderSampler if kind == "fixed" else DistributedLengthGroupedSampler
+    grouping = "none" if kind == "fixed" else kind
+    return cls.from_dataset(dataset, batch, grouping=grouping, rank=rank, world_size=world_size, seed=seed)
 
 
 def tiny_config(parts, out_dir, **overrides) -> TrainConfig:
@@ -172,7 +144,13 @@ def tiny_config(parts, out_dir, **overrides) -> TrainConfig:
         bf16=False,
     )
     base.update(overrides)
-    return preset(base.pop("stage", "pretrain"), **base)
+    if base.get("stage") == "finetune":  # the stage-2 recipe, from its one source (the preset)
+        from jobs.config import load_config
+
+        recipe = load_config("train_v1_0_finetune")
+        keep = ("template", "image_aspect_ratio", "group_by_modality_length", "tune_vision_base")
+        base = {**{k: getattr(recipe, k) for k in keep}, **base}
+    return TrainConfig.from_dict(base)
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -189,7 +167,7 @@ def run_from_spec(spec: dict) -> None:
     manifest = tiny_manifest(tuple(spec["teachers"]))
     model = build_student(cfg, manifest)
     dataset = RandomDistillDataset(spec["n"], manifest, seed=spec["data_seed"])
-    sampler = make_sampler(spec.get("sampler", "block"), dataset, cfg.batch_size, seed=spec["data_seed"])
+    sampler = make_sampler(spec.get("sampler", "none"), dataset, cfg.batch_size, seed=spec["data_seed"])
     Trainer(cfg, model, dataset, collate_fn, sampler).train(resume=spec["resume"], stop_after=spec.get("stop_after"))
     save_file(full_state(model), spec["dump"])
 
@@ -213,7 +191,7 @@ def ddp_worker(rank: int, world_size: int, port: int, spec: dict) -> None:
         for stop_after, resume in spec.get("phases", [[None, False]]):  # [[2, False], [None, True]]: cut, resume
             model = build_student(cfg, manifest)  # everything fresh per phase
             sampler = make_sampler(
-                spec.get("sampler", "block"), dataset, cfg.batch_size, rank, world_size, spec["data_seed"]
+                spec.get("sampler", "none"), dataset, cfg.batch_size, rank, world_size, spec["data_seed"]
             )
             trainer = Trainer(cfg, model, dataset, collate_fn, sampler, rank=rank, world_size=world_size)
             trainer.train(resume=resume, stop_after=stop_after)

@@ -1,4 +1,4 @@
-"""KD loss against a plain-Python transcription of REFERENCE section 6, plus gradient paths."""
+"""KD loss against a plain-Python transcription of docs/method.md §6, plus gradient paths."""
 
 import math
 
@@ -18,7 +18,7 @@ def _softmax(v):
 
 
 def reference_kd(S, T, A, cls, cfg, clip="clip"):
-    """Loops over b, k, j, c in plain Python (float64 lists), straight from REFERENCE section 6."""
+    """Loops over b, k, j, c in plain Python (float64 lists), straight from docs/method.md §6."""
     S, A, cls = S.tolist(), A.tolist(), cls.tolist()
     T = {k: v.tolist() for k, v in T.items()}
     names = list(T)

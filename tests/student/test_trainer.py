@@ -10,17 +10,18 @@ import re
 import pytest
 import torch
 
-from student.config import TrainConfig, preset
+from jobs.config import load_config
+from student.config import TrainConfig
 from student.kd_loss import KDConfig
-from student.model import build_student, set_trainable
+from student.model import build_student
 from student.mole import MoLEConfig
 from student.tiny import make_tiny_llava_parts
-from student.trainable import names_by_category
+from student.trainable import names_by_category, set_trainable
 from student.trainer import Trainer
 from tests.student._trainer_fixtures import (
-    BlockSampler,
     RandomDistillDataset,
     collate_fn,
+    make_sampler,
     tiny_config,
     tiny_manifest,
 )
@@ -40,10 +41,10 @@ def one_thread():
 
 
 def test_config_round_trip_presets_and_errors():
-    cfg = preset("finetune", teachers=["clip", "eva"], mole={"rank": 8})
+    cfg = load_config("train_v1_0_finetune", {"teachers": ["clip", "eva"], "mole": {"rank": 8}})
     assert (cfg.lr, cfg.batch_size, cfg.template, cfg.group_by_modality_length) == (2e-5, 8, "vicuna_v1", True)
     assert cfg.tune_vision_base and cfg.image_aspect_ratio == "pad" and cfg.mole.rank == 8
-    pre = preset("pretrain")
+    pre = TrainConfig()  # the stage-1 recipe is the dataclass defaults
     assert (pre.lr, pre.batch_size, pre.template, pre.weight_decay, pre.warmup_ratio) == (1e-3, 16, "plain", 0.0, 0.03)
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and again.teachers == ("clip", "eva")
@@ -106,12 +107,13 @@ def test_dead_parameters_are_exactly_those_autograd_never_reaches(parts, tmp_pat
 def _run(parts, out, manifest, n, distinct=None, shuffle=True, **overrides):
     cfg = tiny_config(parts, out, **overrides)
     model = build_student(cfg, manifest)
+    dataset = RandomDistillDataset(n, manifest, distinct=distinct)
     trainer = Trainer(
         cfg,
         model,
-        RandomDistillDataset(n, manifest, distinct=distinct),
+        dataset,
         collate_fn,
-        BlockSampler(n, cfg.batch_size, shuffle=shuffle),
+        make_sampler("none" if shuffle else "fixed", dataset, cfg.batch_size),
     )
     trainer.train()
     return trainer, [json.loads(line) for line in trainer.log_path.read_text().splitlines()]
@@ -184,7 +186,7 @@ def test_refuses_to_overwrite_checkpoints_and_checks_batches(parts, tmp_path):
         build_student(trainer.cfg, manifest),
         RandomDistillDataset(8, manifest),
         collate_fn,
-        BlockSampler(8, 4),
+        make_sampler("none", RandomDistillDataset(8, manifest), 4),
     )
     with pytest.raises(ValueError, match="already holds checkpoints: pass resume=True"):
         again.train()
