@@ -79,6 +79,7 @@ def _fresh(code: str) -> str:
     return out.stdout.strip()
 
 
+@pytest.mark.slow  # a fresh interpreter importing timm and transformers
 def test_cli_entry_point_makes_timm_and_transformers_importable():
     code = (
         "import sys\n"

@@ -22,7 +22,8 @@ from cache import CacheWriter, open_cache, verify_cache
 from tests.cache import synth
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+# Every test here runs and kills child processes: slow (seconds each), run in CI, not in the fast loop.
+pytestmark = [pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals"), pytest.mark.slow]
 
 CHILD = """
 import sys, time

@@ -256,6 +256,7 @@ def test_dry_run_describes_plan_shapes_and_budget_without_weights(tmp_path, tiny
     assert "DIFFERENT CONFIGURATION" in describe_extraction(other).cache_state
 
 
+@pytest.mark.slow  # the CLI in a fresh interpreter
 def test_cli_dry_run_of_a_released_preset_needs_no_download():
     out = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "extract", "--config", "movekd_v1_0_pretrain", "--dry-run"],

@@ -59,6 +59,7 @@ def _log(trainer_or_dir):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # a second training run in a child process
 @pytest.mark.parametrize("sampler", ["modality_length", "none"])
 def test_resume_in_a_new_process_is_exact(parts, tmp_path, sampler):
     """student.sampler's cursor protocol, with the stage-2 grouping and with a plain shuffle."""

@@ -31,6 +31,8 @@ from tests.student._trainer_fixtures import (
     tiny_manifest,
 )
 
+pytestmark = pytest.mark.slow  # two gloo ranks in spawned processes per test
+
 TEACHERS, N, PER_RANK = ("clip", "eva"), 24, 2
 SAMPLER = "none"  # student.sampler, plain permutation: rank r takes the r-th batch of each global batch
 
