@@ -202,6 +202,7 @@ def test_index_lookups(clean):
 
 def test_webdataset_reads_the_shards(clean):
     import webdataset as wds
+
     out, _ = clean
     packed = PackedDataset(str(out))
     for i in range(packed.num_shards):
