@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 from cache import CacheWriter, NonFiniteError, get_codec, list_codecs, open_cache
 from cache.codecs import bf16_bits_to_float, float_to_bf16_bits
 from tests.cache.synth import single_teacher_manifest
+from tests.helpers.quant_theory import expected_rel_mse
 
 INTEGER_CODECS = [c for c in list_codecs() if get_codec(c).lossless_from is None]
 GROUP = {"int8": 1, "int8_channel": 1, "ecsq": 1, "int4": 32, "int4_g64": 64}
@@ -34,14 +35,28 @@ def _roundtrip_through_cache(location, codec: str, x: np.ndarray) -> np.ndarray:
     return open_cache(location).read(keys[::-1]).features["t"][::-1]
 
 
+# Relative MSE on N(0, 1) data [4, 64, 256], seed 1, measured 2026-12-01 and pinned with 5 %
+# headroom: bf16 2.75e-6, fp16 4.34e-8, int8 4.98e-5, int8_channel 3.73e-5, int4 9.14e-3,
+# int4_g64 1.08e-2, ecsq 1.34e-2. Each is also within -10 %/+12 % of what the codec's documented
+# step rule predicts (tests/helpers/quant_theory.py: Δ²/12 per value), so a wrong step, rounding
+# mode or scale extent fails even where the pinned number would still pass.
+PINNED_REL_MSE = {
+    "bf16": 2.9e-6, "fp16": 4.6e-8, "int8": 5.2e-5, "int8_channel": 3.9e-5,
+    "int4": 9.6e-3, "int4_g64": 1.13e-2, "ecsq": 1.41e-2,
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("codec", list_codecs())
-def test_roundtrip_every_codec_and_store_meets_documented_fidelity(store, codec):
+def test_roundtrip_every_codec_and_store_has_the_derived_fidelity(store, codec):
     x = np.random.default_rng(1).standard_normal((4, 64, 256)).astype(np.float32)
     y = _roundtrip_through_cache(store, codec, x)
     c = get_codec(codec)
     np.testing.assert_array_equal(y, c.decode(c.encode(x)))  # the store adds nothing
     rel_mse = float(((y - x) ** 2).sum() / (x**2).sum())
-    assert rel_mse <= c.rel_mse_bound, f"{codec}: rel MSE {rel_mse:.3g} > documented {c.rel_mse_bound:.3g}"
+    expected = expected_rel_mse(codec, x)
+    assert 0.9 <= rel_mse / expected <= 1.12, f"{codec}: rel MSE {rel_mse:.4g}, the step rule predicts {expected:.4g}"
+    assert rel_mse <= PINNED_REL_MSE[codec], f"{codec}: rel MSE {rel_mse:.4g} > pinned {PINNED_REL_MSE[codec]:.4g}"
+    assert c.rel_mse_bound >= PINNED_REL_MSE[codec]  # the documented bound is not tighter than what it does
 
 
 def test_bf16_is_bit_exact_for_bf16_inputs_through_a_cache(store):
