@@ -207,9 +207,21 @@ def test_end_to_end_rows_to_loss(model, tok):
     assert not model.gradient_checkpointing
 
 
-def test_default_attention_on_cpu():
-    assert default_attn_implementation(torch.bfloat16) in ("sdpa", "flash_attention_2")
+@pytest.mark.parametrize("cuda", [False, True])
+@pytest.mark.parametrize("flash", [False, True])
+def test_default_attention_kernel(monkeypatch, cuda, flash):
+    """flash-attention-2 exactly when CUDA, the flash_attn package and a 16-bit dtype all hold."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" and flash else real(n, *a)
+    )
+    for dtype in (torch.bfloat16, torch.float16):
+        assert default_attn_implementation(dtype) == ("flash_attention_2" if cuda and flash else "sdpa")
     assert default_attn_implementation(torch.float32) == "sdpa"
+    assert default_attn_implementation(None) == "sdpa"
 
 
 def test_student_accepts_any_tower_with_hidden_states():
