@@ -1,6 +1,6 @@
-"""DistillDataset: items equal what the cache holds and what preprocess_image gives, text-only
-rows use the reserved row, bad rows are skipped and counted, bad caches fail clearly, and
-DataLoader workers change nothing."""
+"""DistillDataset: items equal what the cache holds, what HF's CLIP processor gives and the
+vicuna_v1 prompt written out in the test; text-only rows use the reserved row, bad rows are
+skipped and counted, bad caches fail clearly, and DataLoader workers change nothing."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoTokenizer
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from cache import NULL_KEY, PreprocessSpec, open_cache
-from cache.preprocess import preprocess_image
 from student.conversation import IGNORE_INDEX, render, tokenize_conversation
 from student.data import ConversationRecord, DistillDataset, collate_distill
 from student.llava import collate
@@ -23,6 +23,11 @@ from tests.cache import synth
 
 SPEC = PreprocessSpec(resolution=56)  # the synthetic clip teacher's spec (4x4 grid of 14 px)
 FAILED_KEY = "img-001-01"  # synth.default_failed
+IMAGE_TOKEN = -200  # LLaVA's IMAGE_TOKEN_INDEX, spliced into the LLM's embeddings later
+SYSTEM = (  # LLaVA's conv_vicuna_v1 system prompt, written out here
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 
 
 class DictLoader:
@@ -99,7 +104,12 @@ def expected_aux(manifest) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def test_items_equal_cache_preprocess_and_tokenizer(ds, built, images, tok):
+def hf_pixels(image: np.ndarray) -> np.ndarray:
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    return proc(images=Image.fromarray(image), return_tensors="np")["pixel_values"][0]
+
+
+def test_items_equal_cache_hf_processor_and_prompt(ds, built, images, tok):
     manifest = built[1]
     feats, aux = synth.expected_decoded(manifest), expected_aux(manifest)
     assert len(ds) == 11 - 1 + 2 + 1  # 11 images minus the failed one, 2 text-only, the duplicate
@@ -113,20 +123,24 @@ def test_items_equal_cache_preprocess_and_tokenizer(ds, built, images, tok):
             np.testing.assert_array_equal(s["targets"][t.name].numpy(), feats[key][t.name])
         np.testing.assert_array_equal(s["cls_state"].numpy(), aux[key][0])
         np.testing.assert_array_equal(s["cls_attn"].numpy(), aux[key][1])
-        want = tokenize_conversation(
-            rec.conversations,
-            tok,
-            "vicuna_v1",
-            has_image=rec.image_key is not None,
-            max_length=128,
-            num_image_tokens=16,
-            row_id=rec.row_id,
-        )
-        assert torch.equal(s["input_ids"], want["input_ids"]) and torch.equal(s["labels"], want["labels"])
+
+        # the vicuna_v1 prompt: one image placeholder right after "USER: ", "</s>" after the answer
+        ids, labels = s["input_ids"].tolist(), s["labels"].tolist()
+        question, answer = (turn["value"].replace("<image>\n", "") for turn in rec.conversations)
+        image = rec.image_key is not None
+        assert ids.count(IMAGE_TOKEN) == int(image)
+        text = f"<s>{SYSTEM} USER: {chr(10) if image else ''}{question} ASSISTANT: {answer}</s>"
+        assert tok.decode([t for t in ids if t != IMAGE_TOKEN]) == text
+        if image:
+            assert tok.decode(ids[: ids.index(IMAGE_TOKEN)]) == f"<s>{SYSTEM} USER: "
+        # only the answer is supervised: one run of tokens at the end, equal to the input there
+        sup = [j for j, v in enumerate(labels) if v != IGNORE_INDEX]
+        assert sup == list(range(sup[0], len(ids))) and [ids[j] for j in sup] == [labels[j] for j in sup]
+        assert tok.decode([ids[j] for j in sup]).lstrip() == f"{answer}</s>"
+
         assert s["pixel_values"].shape == (3, 56, 56) and s["pixel_values"].dtype == torch.float32
-        if rec.image_key is not None:
-            pix = preprocess_image(Image.fromarray(images[rec.image_key]), SPEC)
-            np.testing.assert_array_equal(s["pixel_values"].numpy(), pix)
+        if image:
+            assert np.abs(s["pixel_values"].numpy() - hf_pixels(images[rec.image_key])).max() <= 1e-6
 
 
 def test_text_only_rows_use_the_null_row_and_zero_pixels(ds, built):
@@ -267,7 +281,8 @@ def test_missing_null_row_with_text_only_rows(tmp_path, images, tok):
     with pytest.raises(ValueError, match="no committed 'no image' row"):
         build((path, m), images, tok)
     image_rows = [r for r in make_records(m) if r.image_key is not None]
-    assert len(build((path, m), images, tok, records=image_rows)) > 0
+    kept = build((path, m), images, tok, records=image_rows)  # no text-only rows: no null row needed
+    assert len(kept) == len(image_rows) - 2  # the one-turn "bad" row and the failed image are skipped
 
 
 def test_keys_missing_from_the_cache(built, images, tok):
