@@ -12,6 +12,8 @@ Decisions:
   (the tower's ``@torch.no_grad`` is commented out), so the base CLIP weights ARE trained in
   stage 2, next to MoLE, projector, adapters and the LLM. The stage-2 preset sets it True;
   set it False for LLaVA-1.5's frozen tower. Stage 1 never tunes them.
+- ``sam_layout``: ``released`` (default) feeds SAM's cached row-major tokens to its adapter in the
+  released code's flatten/pixel_unshuffle layout (student/adapters.py); ``honest`` as cached.
 - ``bf16=None`` means "bf16 autocast on CUDA, fp32 on CPU"; trainable weights stay fp32 masters.
 - Paths are plain strings (JSON-friendly); nothing here touches the filesystem.
 - ``to_dict``/``from_dict`` round-trip through JSON; unknown keys (also nested in ``mole``/``kd``)
@@ -35,6 +37,7 @@ ASPECTS = ("square", "pad")
 SCHEDULES = ("cosine",)
 STRATEGIES = ("ddp", "fsdp")
 ADAPTER_KINDS = ("auto", "token_linear", "mlp")
+SAM_LAYOUTS = ("released", "honest")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class TrainConfig:
     max_length: int = 2048
     projector: str = "mlp2x_gelu"
     adapter_kind: str = "auto"
+    sam_layout: str = "released"  # SAM tokens as the released code lays them out, or "honest" (row-major)
     mole: MoLEConfig = field(default_factory=MoLEConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     tune_vision_base: bool = False
@@ -98,6 +102,7 @@ class TrainConfig:
             ("schedule", self.schedule, SCHEDULES),
             ("distributed", self.distributed, STRATEGIES),
             ("adapter_kind", self.adapter_kind, ADAPTER_KINDS),
+            ("sam_layout", self.sam_layout, SAM_LAYOUTS),
         ):
             if value not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")

@@ -53,20 +53,26 @@ def adapter_spec(adapter: nn.Module) -> dict:
         raise ValueError(f"cannot export adapter of type {type(adapter).__name__}")
     first = adapter.channel_proj if kind == "token_linear" else adapter.fc1
     out_tokens = adapter.token_proj.out_features if kind == "token_linear" else adapter.tokens
-    return {
+    spec = {
         "kind": kind,
         "channels": adapter.channels,
         "tokens": adapter.tokens,
         "student_dim": first.out_features,
         "student_tokens": out_tokens,
     }
+    if kind == "token_linear":
+        spec["layout"], spec["grid"] = adapter.layout, list(adapter.grid) if adapter.grid else None
+    return spec
 
 
 def adapter_from_spec(spec: dict) -> nn.Module:
     cls = {"token_linear": TokenLinearAdapter, "mlp": MLPAdapter}.get(spec.get("kind"))
     if cls is None:
         raise ValueError(f"unknown adapter kind in export: {spec.get('kind')!r}")
-    return cls(spec["channels"], spec["tokens"], spec["student_dim"], spec["student_tokens"])
+    args = (spec["channels"], spec["tokens"], spec["student_dim"], spec["student_tokens"])
+    if cls is TokenLinearAdapter:  # exports older than the layout field are row-major
+        return cls(*args, layout=spec.get("layout", "row_major"), grid=spec.get("grid"))
+    return cls(*args)
 
 
 def _metadata(model: DistillModel) -> dict:

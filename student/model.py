@@ -83,7 +83,7 @@ def _fresh(cfg: TrainConfig, manifest: CacheManifest, teachers: tuple[str, ...],
     llava = build_llava(cfg.vision_tower, cfg.llm, cfg.projector, attn_implementation=attn)
     add_mole(llava.vision_tower, cfg.mole, freeze_base=True)
     dim, tokens = student_geometry(llava)
-    adapters = adapters_from_manifest(manifest, dim, tokens, cfg.adapter_kind)
+    adapters = adapters_from_manifest(manifest, dim, tokens, cfg.adapter_kind, cfg.sam_layout)
     adapters = nn.ModuleDict({t: adapters[t] for t in teachers if t in adapters})
     return DistillModel(llava, adapters, teachers, manifest.cls_teacher, cfg.kd, cfg.mole)
 
@@ -91,7 +91,7 @@ def _fresh(cfg: TrainConfig, manifest: CacheManifest, teachers: tuple[str, ...],
 def _from_previous_stage(cfg, manifest, teachers, attn) -> DistillModel:
     model = load_pretrained(cfg.init_from, attn_implementation=attn, kd=cfg.kd)
     dim, tokens = student_geometry(model.llava)
-    expected = adapters_from_manifest(manifest, dim, tokens, cfg.adapter_kind)
+    expected = adapters_from_manifest(manifest, dim, tokens, cfg.adapter_kind, cfg.sam_layout)
     check_compatible(model, cfg, expected, teachers)
     model.adapters = nn.ModuleDict({t: model.adapters[t] for t in teachers if t in expected})
     model.teachers, model.clip_name = teachers, manifest.cls_teacher

@@ -23,6 +23,8 @@ SHIPPED = {
     "train_tiny": "train",
     "train_v1_0_pretrain": "train",
     "train_v1_0_finetune": "train",
+    "train_v1_1_pretrain": "train",
+    "train_v1_1_finetune": "train",
 }
 
 
@@ -81,6 +83,18 @@ def test_stage_recipes_are_written_once():
     assert ft.group_by_modality_length and ft.tune_vision_base and ft.init_from.endswith("pretrain/export")
     _, raw = read_preset("train_v1_0_pretrain")
     assert not set(raw) & {"lr", "batch_size", "template", "image_aspect_ratio", "epochs"}  # not restated
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_v1_1_training_differs_from_v1_0_only_where_the_released_scripts_do(stage):
+    """scripts/move-kd/{pretrain,finetune}-v1.1.sh differ from v1.0 in the teacher set (the cache),
+    the output dir and stage 2's init; SAM's adapter input follows the released layout."""
+    v10, v11 = load_config(f"train_v1_0_{stage}").to_dict(), load_config(f"train_v1_1_{stage}").to_dict()
+    diff = {k for k in v10 if v10[k] != v11[k]}
+    assert diff == ({"output_dir", "init_from"} if stage == "finetune" else {"output_dir"})
+    assert v11["sam_layout"] == "released" and v11["output_dir"] == f"runs/movekd-v1.1-{stage}"
+    if stage == "finetune":
+        assert v11["init_from"] == "runs/movekd-v1.1-pretrain/export"
 
 
 def test_overrides_and_missing_fields():

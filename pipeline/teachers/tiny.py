@@ -86,7 +86,7 @@ def _sam(out_dir: str) -> TeacherSpec:
         num_attention_heads=2,
         image_size=64,
         patch_size=8,
-        output_channels=16,
+        output_channels=32,  # 32 ch x 8 rows = 16^2: the released SAM layout applies (student/adapters.py)
         window_size=4,
         global_attn_indexes=[1],
         mlp_dim=64,
