@@ -20,6 +20,9 @@ VERBS = {
     "pack": "jobs.pack",
     "extract": "jobs.extract",
     "train": "jobs.train",
+    "generate": "jobs.inference",
+    "answer": "jobs.inference",
+    "evaluate": "jobs.inference",
 }
 
 # Verbs that never import torch: no torchvision set-up for them.
@@ -31,6 +34,9 @@ DESCRIPTIONS = {
     "pack": "pack a LLaVA JSON + image folder into WebDataset shards of unique images",
     "extract": "run the teachers over packed shards and write the feature cache (Ray)",
     "train": "train the MoLE student from a feature cache",
+    "generate": "answer a prompt (about an image) with a trained student",
+    "answer": "answer a LLaVA-format question file (resumable, chunked)",
+    "evaluate": "score an answers file: VQA accuracy and exact match",
 }
 
 
@@ -41,7 +47,7 @@ def build_parser(verbs: dict[str, str] | None = None) -> argparse.ArgumentParser
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for module in (verbs or VERBS).values():
+    for module in dict.fromkeys((verbs or VERBS).values()):  # one module may register several verbs
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

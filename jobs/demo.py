@@ -4,7 +4,9 @@ Stages (each a real command's code path, each resumable): build the sample datas
 photos shipped in scikit-image/scikit-learn/matplotlib -> pack it into WebDataset shards ->
 extract tiny random-weight teachers with Ray into a feature cache -> verify and inspect the cache
 -> draw one [CLS] attention heatmap over its photo -> train a tiny MoLE student (stage 1) from the
-cache for a few steps and export it. Everything lands under DIR; rerunning reuses what is done.
+cache for a few steps and export it -> answer the sample's tiny question set with it and score the
+answers (a random tiny model scores near zero: the point is that the path runs). Everything lands
+under DIR; rerunning reuses what is done.
 """
 
 from __future__ import annotations
@@ -60,15 +62,15 @@ def run(args: argparse.Namespace) -> int:
 
     out = os.path.abspath(args.out)
     progress = not args.no_progress
-    t = _stage("1/5 sample dataset (real photos shipped in scikit-image, scikit-learn, matplotlib)")
+    t = _stage("1/6 sample dataset (real photos shipped in scikit-image, scikit-learn, matplotlib)")
     sample = build_sample(os.path.join(out, "sample"))
-    t = _stage(f"2/5 pack ({time.perf_counter() - t:.1f}s)")
+    t = _stage(f"2/6 pack ({time.perf_counter() - t:.1f}s)")
     packed_dir = os.path.join(out, "packed")
     result = pack_dataset(
         sample["json"], sample["image_root"], packed_dir, shard_size=args.shard_size, workers=2, progress=progress
     )
     print(format_summary(result))
-    t = _stage(f"3/5 extract with tiny teachers on local Ray ({time.perf_counter() - t:.1f}s)")
+    t = _stage(f"3/6 extract with tiny teachers on local Ray ({time.perf_counter() - t:.1f}s)")
     cfg = load_config(
         "tiny",
         {
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     print(summarize(report))
     if not report.ok:
         return 1
-    t = _stage(f"4/5 verify and inspect the cache ({time.perf_counter() - t:.1f}s)")
+    t = _stage(f"4/6 verify and inspect the cache ({time.perf_counter() - t:.1f}s)")
     cache_dir = os.path.join(out, "cache")
     verdict = verify_cache(cache_dir, progress=progress)
     if not verdict.ok:
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         f.write(PackedImageSource(packed_dir).read_bytes(key))
     cache_main(["attn", cache_dir, key, "--out", png, "--image", photo])
     if args.train_steps > 0:
-        t = _stage(f"5/5 train a tiny MoLE student from the cache ({time.perf_counter() - t:.1f}s)")
+        t = _stage(f"5/6 train a tiny MoLE student from the cache ({time.perf_counter() - t:.1f}s)")
         code = train_main(
             [
                 "--config",
@@ -121,8 +123,23 @@ def run(args: argparse.Namespace) -> int:
         )
         if code:
             return code
+        t = _stage(
+            f"6/6 ask the trained student the sample's questions and score them ({time.perf_counter() - t:.1f}s)"
+        )
+        from jobs.cli import main as movekd
+
+        answers = os.path.join(out, "answers.jsonl")
+        answer = ["answer", "--model", f"{out}/train/export", "--questions", sample["eval"]]
+        answer += ["--image-folder", sample["image_root"], "--out", answers, "--max-new-tokens", "8"]
+        code = movekd(answer) or movekd(["evaluate", "--questions", sample["eval"], "--answers", answers])
+        if code:
+            return code
     print(
         f"\ndemo finished in {out}: cache verified, attention heatmap in {png}"
-        + (f", student trained and exported under {out}/train" if args.train_steps > 0 else "")
+        + (
+            f", student trained, exported under {out}/train and evaluated ({out}/answers.jsonl)"
+            if args.train_steps > 0
+            else ""
+        )
     )
     return 0

@@ -195,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_export and not (dist_info.world_size > 1 and cfg.distributed == "fsdp"):
             from student.export import export_pretrained
 
-            out = export_pretrained(trainer.model, os.path.join(cfg.output_dir, "export"), tokenizer)
+            inference = {"template": cfg.template, "preprocess": student_preprocess(cfg).to_dict()}
+            out = export_pretrained(trainer.model, os.path.join(cfg.output_dir, "export"), tokenizer, inference)
             print(f"exported the trained student to {out} (load with student.export.load_pretrained)")
     return 0
 

@@ -2,7 +2,8 @@
 
 ``build_sample(out_dir)`` writes ``images/`` plus two JSON files, a pretrain-style one (LCS-558K
 paths, the ``plain`` template: ``<image>`` then a caption) and a finetune-style one (LLaVA-665K
-paths, multi-turn conversations, rows sharing an image, one text-only row). It also plants the
+paths, multi-turn conversations, rows sharing an image, one text-only row), and a tiny evaluation
+set (``sample_eval.jsonl``, LLaVA's question format plus reference ``answers``). It also plants the
 oddities real data has: one truncated JPEG, identical bytes under two paths, a PNG named ``.jpg``,
 a CMYK JPEG and grayscale JPEG/PNG files.
 
@@ -28,6 +29,7 @@ from PIL import Image
 
 PRETRAIN_JSON = "sample_pretrain.json"
 FINETUNE_JSON = "sample_finetune.json"
+EVAL_JSONL = "sample_eval.jsonl"  # LLaVA-format questions (+ "answers" to score against)
 
 # relative path -> (package, file, how to write it, reduce factor)
 IMAGES = {
@@ -190,6 +192,31 @@ def _finetune_rows() -> list[dict]:
     return rows
 
 
+# A tiny evaluation set in LLaVA's question format: (question_id, image or None, text, category,
+# reference answers). The answers are what the photos show; a random tiny model scores ~0.
+EVAL_QUESTIONS = (
+    (0, "00453/004539376.jpg", "What animal is in the picture?", "object", ["cat", "tabby cat", "kitten"]),
+    (1, "00127/001271234.jpg", "What drink is in the cup?", "object", ["coffee", "latte", "cappuccino"]),
+    (2, "00127/001275678.jpg", "What is standing on the launch pad?", "object", ["rocket", "space shuttle"]),
+    (3, "coco/train2017/000000000139.jpg", "What vehicle is this?", "object", ["motorcycle", "motorbike"]),
+    (4, "gqa/images/2375429.jpg", "Is this photo in color?", "yes/no", ["no"]),
+    (5, "00881/008810043.jpg", "Is it a sunny day?", "yes/no", ["yes"]),
+    (6, "00453/004539375.jpg", "What is the person wearing?", "object", ["spacesuit", "space suit"]),
+    (7, "coco/train2017/000000000285.jpg", "What is in the picture?", "object", ["flower", "flowers"]),
+    (8, None, "How many legs does a dog have?", "text-only", ["4", "four"]),
+)
+
+
+def _eval_lines() -> list[str]:
+    lines = []
+    for qid, image, text, category, answers in EVAL_QUESTIONS:
+        rec = {"question_id": qid, "text": text, "category": category, "answers": answers}
+        if image is not None:
+            rec["image"] = image
+        lines.append(json.dumps(rec))
+    return lines
+
+
 def build_sample(out_dir: str) -> dict:
     """Write the sample under ``out_dir``; return paths and what packing it must report."""
     image_root = os.path.join(out_dir, "images")
@@ -199,10 +226,13 @@ def build_sample(out_dir: str) -> dict:
     for name, rows in ((PRETRAIN_JSON, _pretrain_rows()), (FINETUNE_JSON, _finetune_rows())):
         jsons.append(os.path.join(out_dir, name))
         _write(jsons[-1], (json.dumps(rows, indent=2) + "\n").encode())
+    eval_path = os.path.join(out_dir, EVAL_JSONL)
+    _write(eval_path, ("\n".join(_eval_lines()) + "\n").encode())
     return {
         "root": out_dir,
         "image_root": image_root,
         "json": jsons,
+        "eval": eval_path,
         "expected": {
             "rows": len(CAPTIONS) + len(FINETUNE_ROWS),
             "rows_text_only": 1,

@@ -15,6 +15,8 @@ Decisions:
   tied weights, sharding, dtype and attention-kernel choice, and ``vision/``/``llm/`` stay loadable
   by plain transformers. Only the new modules go in our safetensors file, keyed by their
   ``DistillModel`` parameter names and loaded strictly (missing/extra keys are errors).
+- ``inference`` in ``movekd_student.json`` (optional) holds the training template and the student's
+  ``PreprocessSpec`` (stage aspect), so generation feeds the model as it was trained.
 - Written into ``<dir>.tmp`` and renamed into place, so a crash never leaves a half export.
 - Stage 2 starts from a stage-1 export via ``TrainConfig.init_from``; ``check_compatible`` refuses
   a config whose MoLE/projector/adapter shapes differ from the export's, naming the fields.
@@ -90,8 +92,11 @@ def _metadata(model: DistillModel) -> dict:
     }
 
 
-def export_pretrained(model: DistillModel, out_dir, tokenizer=None) -> Path:
-    """Write ``model`` (unsharded) to ``out_dir`` atomically; returns the directory."""
+def export_pretrained(model: DistillModel, out_dir, tokenizer=None, inference: dict | None = None) -> Path:
+    """Write ``model`` (unsharded) to ``out_dir`` atomically; returns the directory.
+
+    ``inference`` (``{"template": ..., "preprocess": PreprocessSpec.to_dict()}``) records how the
+    model was trained to be prompted and fed, for ``student.generate`` / ``movekd generate``."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -108,7 +113,10 @@ def export_pretrained(model: DistillModel, out_dir, tokenizer=None) -> Path:
     names = new_module_parameter_names(model)
     extras = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if n in names}
     save_file(extras, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-    (tmp / META).write_text(json.dumps(_metadata(model), indent=2))
+    meta = _metadata(model)
+    if inference is not None:
+        meta["inference"] = dict(inference)
+    (tmp / META).write_text(json.dumps(meta, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "tokenizer")
     _replace_dir(tmp, out)
