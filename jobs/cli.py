@@ -25,6 +25,9 @@ VERBS = {
     "evaluate": "jobs.inference",
 }
 
+# Verbs whose arguments go unparsed to another program's CLI: verb -> module with main(argv).
+PASSTHROUGH = {"lmms-eval": "jobs.lmms_plugin.launch"}
+
 # Verbs that never import torch: no torchvision set-up for them.
 TORCH_FREE_VERBS = {"cache"}
 
@@ -37,6 +40,7 @@ DESCRIPTIONS = {
     "generate": "answer a prompt (about an image) with a trained student",
     "answer": "answer a LLaVA-format question file (resumable, chunked)",
     "evaluate": "score an answers file: VQA accuracy and exact match",
+    "lmms-eval": "run lmms-eval (its own arguments) with the movekd model plugin (needs the eval extra)",
 }
 
 
@@ -55,6 +59,9 @@ def build_parser(verbs: dict[str, str] | None = None) -> argparse.ArgumentParser
                 raise
             continue  # verb not available in this build
         mod.add_parser(sub)
+    if verbs is None:
+        for verb in PASSTHROUGH:  # listed in `movekd --help`; their arguments never reach this parser
+            sub.add_parser(verb, help=DESCRIPTIONS[verb], add_help=False)
     return parser
 
 
@@ -93,7 +100,10 @@ def run_module(prog: str, description: str, add_arguments, run, argv: list[str] 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbs = VERBS
+    if argv and argv[0] in PASSTHROUGH:
+        prepare_process(argv[0])
+        return int(importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:]) or 0)
+    verbs = None
     # Import only the module of the verb asked for, so `movekd cache` stays light.
     if argv and argv[0] in VERBS:
         verbs = {argv[0]: VERBS[argv[0]]}

@@ -69,8 +69,10 @@ def add_parser(subparsers) -> None:
     e.set_defaults(func=run_evaluate)
 
 
-def load_for_inference(model_dir: str, template: str | None):
-    """-> (model, tokenizer, PreprocessSpec, template) from an export; ValueError says what is wrong."""
+def load_for_inference(model_dir: str, template: str | None, torch_dtype=None):
+    """-> (model, tokenizer, PreprocessSpec, template) from an export; ValueError says what is wrong.
+
+    ``torch_dtype``: the dtype to load the weights in (default: as exported, float32)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from cache.manifest import PreprocessSpec
@@ -90,7 +92,7 @@ def load_for_inference(model_dir: str, template: str | None):
     if not (path / "tokenizer").is_dir():
         raise ValueError(f"{path}: no tokenizer/ in the export (export it with a tokenizer)")
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    return load_pretrained(path), tokenizer, spec, name
+    return load_pretrained(path, torch_dtype), tokenizer, spec, name
 
 
 def _gen_config(args):

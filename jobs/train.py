@@ -98,6 +98,21 @@ def init_distributed() -> Dist:
     return Dist(int(os.environ.get("RANK", "0")), world, local, device)
 
 
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Leave the process group cleanly: a barrier (no rank tears the group down while a peer still
+    has a collective in flight; gloo then aborts the peer with "terminate called without an active
+    exception"), then ``destroy_process_group``. A no-op without a group. ``barrier=False`` after
+    a failure, when the peers may never arrive."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if barrier:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def student_preprocess(cfg):
     """What the student's CLIP sees: LLaVA's CLIP processor at the tower's size and the stage's aspect."""
     from transformers import AutoConfig
@@ -189,7 +204,9 @@ def run(args: argparse.Namespace) -> int:
         trainer, tokenizer = build_training(cfg, dist_info, args.online_teachers)
         state = trainer.train(resume=args.resume)
     except ValueError as e:  # bad cache/config/checkpoint: one clear line, no traceback
+        shutdown_distributed(barrier=False)  # peers may never reach a barrier now: do not wait for them
         return user_error("movekd train", e)
+    shutdown_distributed()
     if dist_info.rank == 0:
         print(f"trained to step {state.step} (epoch {state.epoch}); log {trainer.log_path}, plot {trainer.plot_path}")
         if not args.no_export and not (dist_info.world_size > 1 and cfg.distributed == "fsdp"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -165,3 +166,53 @@ def generate_ids(
 def _until_eos(row: list[int], eos: int | None) -> list[int]:
     """Cut at the first EOS (rows that stopped early are padded after it)."""
     return row[: row.index(eos)] if eos is not None and eos in row else row
+
+
+class ContinuationScore(NamedTuple):
+    """``score_continuation``'s result: summed log-probability, scored token count, greedy or not."""
+
+    logprob: float
+    num_tokens: int
+    is_greedy: bool
+
+
+@torch.no_grad()
+def score_continuation(
+    model,
+    tokenizer,
+    context: str,
+    continuation: str,
+    image: Image.Image | None,
+    preprocess: PreprocessSpec,
+    template: str = "vicuna_v1",
+) -> ContinuationScore:
+    """``log p(continuation | prompt)`` (summed over its tokens), as LLaVA's evaluation scores a choice.
+
+    The prompt is ``generation_prompt(context)``; the continuation fills the assistant turn and is
+    closed by the template's ``sep2`` (``</s>`` for ``vicuna_v1``), which is scored too, as in
+    LLaVA's ``model_vqa_loader``-style likelihood (``conv.messages[1][1] = continuation``). The
+    scored tokens are the ones the training labeler supervises for that answer span, so
+    tokenisation at the boundary is the training one. ``is_greedy``: every scored token is the
+    argmax of the full forward's logits at its position."""
+    llava = _llava(model)
+    tpl = get_template(template)
+    prompt = generation_prompt(context, template, image is not None)
+    full = prompt + ("" if tpl.name == "plain" else " ") + continuation + tpl.sep2
+    ids, labels = encode_prompt(full, [(len(prompt), len(full))], tokenizer)
+    if all(lab < 0 for lab in labels):
+        raise ValueError(f"continuation {continuation!r} produced no tokens to score")
+    weight = next(llava.vision_tower.parameters())
+    pixels = _pixels([image], preprocess, weight.device, weight.dtype)
+    device = next(llava.llm.parameters()).device
+    out = llava(
+        torch.tensor([ids], device=device),
+        labels=torch.tensor([labels], device=device),
+        pixel_values=pixels,
+        has_image=[image is not None],
+    )
+    logits, target = out["logits"][0, :-1].float(), out["labels"][0, 1:]
+    scored = target >= 0
+    logp = torch.log_softmax(logits[scored], dim=-1)
+    picked = target[scored]
+    total = float(logp.gather(1, picked[:, None]).sum())
+    return ContinuationScore(total, int(picked.numel()), bool((logp.argmax(dim=-1) == picked).all()))

@@ -200,6 +200,7 @@ def ddp_worker(rank: int, world_size: int, port: int, spec: dict) -> None:
         weights = gather_weights(model)  # collective under FSDP
         if rank == 0:
             save_file(weights, spec["dump"])
+        dist.barrier()  # no rank tears gloo down while a peer still has work in flight
     finally:
         dist.destroy_process_group()
 
