@@ -97,4 +97,9 @@ def create_arrays(group: zarr.Group, manifest: CacheManifest) -> None:
 
 def shard_file_key(spec: ArraySpec, shard: int) -> str:
     """The store key of ``spec``'s zarr shard for cache shard ``shard`` (default v3 chunk keys)."""
-    return f"{spec.path}/c/{shard}" + "/0" * len(spec.per_row)
+    return array_file_key(spec.path, len(spec.per_row), shard)
+
+
+def array_file_key(path: str, per_row_ndim: int, shard: int) -> str:
+    """``shard_file_key`` from an array path and the number of its per-row dimensions."""
+    return f"{path}/c/{shard}" + "/0" * per_row_ndim

@@ -1,8 +1,10 @@
 """Commit markers: the small JSON file that makes one shard's rows visible.
 
 A marker is written last (atomically) by the writer and read by every reader; it records the
-shard's keys in row order, the failed keys with reasons, and a checksum of every array's stored
-rows. It lives in its own module because the writer, the reader and ``verify`` all use it.
+shard's keys in row order, the failed keys with reasons, a checksum of every array's stored
+rows, and the byte size of every zarr shard file it committed (so a reader can tell a missing or
+truncated file from zarr's fill value without reading it). It lives in its own module because
+the writer, the reader and ``verify`` all use it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class ShardCommit:
     checksums: dict[str, str] = field(default_factory=dict)
     written_at: str = ""
     writer: str = ""
+    files: dict[str, int] = field(default_factory=dict)  # zarr shard file key -> bytes (0: no file)
 
     @property
     def count(self) -> int:
@@ -51,6 +54,7 @@ class ShardCommit:
             "checksums": self.checksums,
             "written_at": self.written_at,
             "writer": self.writer,
+            "files": self.files,
         }
 
     @classmethod
@@ -68,6 +72,11 @@ class ShardCommit:
             raise ValueError(f"commit marker of shard {d.get('shard')} lacks {missing}")
         if d["count"] != len(d["keys"]):
             raise ValueError(f"commit marker of shard {d['shard']}: count {d['count']} != {len(d['keys'])} keys")
+        files = d.get("files", {})  # absent in markers written before file sizes were recorded
+        if not isinstance(files, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in files.items()
+        ):
+            raise ValueError(f"commit marker of shard {d['shard']}: 'files' must map file keys to byte sizes >= 0")
         return cls(
             int(d["shard"]),
             list(d["keys"]),
@@ -75,4 +84,5 @@ class ShardCommit:
             dict(d["checksums"]),
             d.get("written_at", ""),
             d.get("writer", ""),
+            dict(files),
         )

@@ -7,6 +7,12 @@ Decisions:
   slower on sharded arrays), then are put back in the caller's order.
 - Safe in DataLoader workers: zarr handles are opened lazily per process (a fork or pickle makes
   the next read reopen them), so each worker has its own handle.
+- No silent zeros: zarr reads a missing shard file as its fill value (0). The first read of an
+  array in a committed shard (per process) checks that shard's file against the size its marker
+  recorded (one stat, or one HEAD request on an object store, per array and shard; never a
+  checksum), so a file lost to a partial copy or truncated is an error naming the shard and the
+  repair, not zero targets. Markers written before sizes were recorded get an existence check
+  (a missing file is legitimate only when every image of the shard failed).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 import zarr
 
 from cache.codecs import get_codec
-from cache.layout import CLS_ATTN, CLS_STATE, COMMITS, STATS_FILE, TEACHERS, marker_name
+from cache.layout import CLS_ATTN, CLS_STATE, COMMITS, STATS_FILE, TEACHERS, array_file_key, marker_name
 from cache.manifest import ATTRS_KEY, CacheManifest, ManifestError
 from cache.marker import ShardCommit
 from cache.store import Location
@@ -69,6 +75,7 @@ class FeatureCache:
         self.commits: dict[int, ShardCommit] = {}
         self._index: dict[str, int] = {}
         self._failed: dict[str, str] = {}
+        self._checked: set[tuple[str, int]] = set()  # (array path, shard) whose file was checked
         self.reload()
 
     # -- index -------------------------------------------------------------------------------
@@ -101,6 +108,7 @@ class FeatureCache:
             failed.update(marker.failed)
             commits[shard] = marker
         self.commits, self._index, self._failed = commits, index, failed
+        self._checked = set()
 
     @property
     def committed_shards(self) -> list[int]:
@@ -187,9 +195,56 @@ class FeatureCache:
         if rows.size == 0:
             return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
         uniq, inverse = np.unique(rows, return_inverse=True)
+        for shard in np.unique(uniq // self.manifest.shard_size).tolist():
+            if (path, shard) not in self._checked:
+                self.check_file(path, arr.ndim - 1, int(shard))
         runs = np.split(uniq, np.flatnonzero(np.diff(uniq) != 1) + 1)
-        parts = [arr[int(r[0]) : int(r[-1]) + 1] for r in runs]
+        try:
+            parts = [arr[int(r[0]) : int(r[-1]) + 1] for r in runs]
+        except Exception as e:  # noqa: BLE001 - zarr/numcodecs raise many types for a corrupt shard file
+            shards = sorted({int(r) // self.manifest.shard_size for r in uniq})
+            raise CacheError(
+                f"{self.location.url}: {path} cannot be decoded in shard(s) {shards[:5]} ({type(e).__name__}: {e}); "
+                f"{self.repair_hint()}"
+            ) from e
         return (parts[0] if len(parts) == 1 else np.concatenate(parts))[inverse]
+
+    def repair_hint(self) -> str:
+        """What to do about a damaged committed shard (named in every such error)."""
+        return (
+            f"run `movekd cache verify {self.location.url}` to list the damaged shards, delete their markers "
+            f"(_commits/shard-XXXXX.json) and rerun the same `movekd extract` command: it re-extracts exactly those"
+        )
+
+    def file_problem(self, path: str, per_row_ndim: int, shard: int) -> str | None:
+        """What is wrong with the committed shard file of ``path`` in ``shard`` (None: it is there
+        with the size its marker recorded). One stat / HEAD request; no data is read."""
+        marker = self.commits.get(shard)
+        if marker is None:
+            return f"shard {shard:05d} is not committed"
+        key = array_file_key(path, per_row_ndim, shard)
+        size = self.location.size(key)
+        if key in marker.files:
+            want = marker.files[key]
+            if (size or 0) != want:
+                found = "is missing" if size is None else f"has {size} bytes"
+                return (
+                    f"shard {shard:05d} is damaged: its data file {key} {found}, but its commit marker recorded "
+                    f"{want} bytes (a partial copy or a truncated write; zarr would read the gap as zeros)"
+                )
+        elif size is None and not all(k in marker.failed for k in marker.keys):
+            return (
+                f"shard {shard:05d} is damaged: its data file {key} is missing but the shard has valid images "
+                f"(zarr would read them as zeros)"
+            )
+        return None
+
+    def check_file(self, path: str, per_row_ndim: int, shard: int) -> None:
+        """``file_problem`` as an error naming the repair; remembered per process once it passes."""
+        problem = self.file_problem(path, per_row_ndim, shard)
+        if problem:
+            raise CacheError(f"{self.location.url}: {problem}; {self.repair_hint()}")
+        self._checked.add((path, shard))
 
     def read_shard_raw(self, path: str, shard: int) -> np.ndarray:
         """The stored values of ``path`` for the committed rows of ``shard``."""

@@ -72,6 +72,15 @@ class Location:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def size(self, rel: str) -> int | None:
+        """Byte size of file ``rel``, or None when it does not exist (one stat / HEAD request)."""
+        try:
+            if self._fs is not None:
+                return int(self._fs.size(self._path(rel)))
+            return os.path.getsize(self._path(rel))
+        except FileNotFoundError:
+            return None
+
     def delete(self, rel: str) -> None:
         try:
             if self._fs is not None:

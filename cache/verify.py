@@ -73,6 +73,10 @@ def _check_shard(cache: FeatureCache, shard: int, specs) -> list[str]:
     for spec in specs:
         where = f"shard {shard:05d}: {spec.path} (file {shard_file_key(spec, shard)})"
         expected = marker.checksums.get(spec.path)
+        problem = cache.file_problem(spec.path, len(spec.per_row), shard)
+        if problem:  # missing or truncated file: what a read refuses
+            problems.append(f"{where}: {problem}")
+            continue
         try:
             raw = cache.read_shard_raw(spec.path, shard)
         except Exception as e:  # noqa: BLE001 - any decode failure is a finding, not a crash

@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 
 from cache.codecs import NonFiniteError, check_finite, get_codec
-from cache.layout import CLS_ATTN, CLS_STATE, TEACHERS, create_arrays, marker_name
+from cache.layout import CLS_ATTN, CLS_STATE, TEACHERS, array_file_key, create_arrays, marker_name
 from cache.manifest import ATTRS_KEY, CacheManifest
 from cache.marker import NULL_KEY, ShardCommit, checksum
 from cache.reader import load_manifest
@@ -132,12 +132,14 @@ class CacheWriter:
             arrays[CLS_STATE], arrays[CLS_ATTN] = cls_state.astype(np.float32), cls_attn.astype(np.float32)
         bad = np.array([k in failed for k in keys], dtype=bool)
         self.location.delete(marker_name(shard))  # uncommit before touching data
-        checksums = {}
+        checksums, files = {}, {}
         for path, arr in arrays.items():
             if bad.any():
                 arr = arr.copy()
                 arr[bad] = 0
             checksums[path] = self._write_rows(path, start, stop, arr)
+            key = array_file_key(path, arr.ndim - 1, shard)
+            files[key] = self.location.size(key) or 0  # 0: all chunks equal the fill value, no file
         commit = ShardCommit(
             shard,
             list(keys),
@@ -145,6 +147,7 @@ class CacheWriter:
             checksums,
             time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             f"{socket.gethostname()}:{os.getpid()}",
+            files,
         )
         self.location.write_atomic(marker_name(shard), json.dumps(commit.to_dict()).encode())
         log.debug("committed shard %d (%d rows, %d failed)", shard, len(keys), len(failed))

@@ -86,10 +86,13 @@ def test_values_changed_behind_the_writers_back_fail_checksum_and_nan_check(cach
 
 def test_missing_shard_file_is_reported(cache_path, manifest):
     file, key = _shard_file(cache_path, manifest, "teachers/convnext/scale", 0)
-    file.unlink()  # reads back as zeros (fill value): the checksum catches it
+    size = file.stat().st_size
+    file.unlink()  # zarr would read it back as zeros (fill value): the recorded size catches it
     report = verify_cache(cache_path, sample=0, progress=False)
     assert report.problems == [
-        f"shard 00000: teachers/convnext/scale (file {key}): checksum mismatch (stored data changed or corrupt)"
+        f"shard 00000: teachers/convnext/scale (file {key}): shard 00000 is damaged: its data file {key} is "
+        f"missing, but its commit marker recorded {size} bytes (a partial copy or a truncated write; zarr would "
+        "read the gap as zeros)"
     ]
 
 
