@@ -488,3 +488,41 @@ def test_train_init_from_released_refuses_other_mole_shapes(world):
     cfg = TrainConfig(vision_tower=str(world["vision"]), init_from_released=str(world["st"]), mole=MoLEConfig(rank=8))
     with pytest.raises(ValueError, match="moe_encoder_lora_rank"):
         build_student(cfg, tiny_manifest())
+
+
+def test_cli_export_converts_both_ways(world, tmp_path):
+    """``movekd export``: released -> project format (default), then -> the released layout again."""
+    from jobs.cli import main
+    from student.export import load_pretrained
+
+    ours, llava = tmp_path / "movekd", tmp_path / "llava"
+    assert main(["export", str(world["st"]), str(ours)]) == 0
+    assert compare(world["model"], load_pretrained(ours))["logits"] < TOL
+    argv = ["export", str(ours), str(llava), "--format", "llava", "--mm-vision-tower", str(world["vision"])]
+    assert main(argv) == 0
+    from safetensors.torch import load_file
+
+    written = load_file(str(llava / "model.safetensors"))
+    assert set(written) == set(world["state"]) and all(torch.equal(written[k], world["state"][k]) for k in written)
+    config = json.loads((llava / "config.json").read_text())
+    assert config["image_aspect_ratio"] == "pad" and config["mm_vision_tower"] == str(world["vision"])
+
+
+def test_cli_export_refuses_a_folder_that_is_neither(tmp_path, capsys):
+    from jobs.cli import main
+
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "neither a movekd export" in capsys.readouterr().err
+
+
+def test_train_flag_sets_init_from_released(world):
+    import argparse
+
+    from jobs.train import add_arguments, resolve_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = resolve_config(parser.parse_args(["--config", "train_v1_0_pretrain", "--init-from-released", "R"]))
+    assert cfg.init_from_released == "R" and cfg.tokenizer_path == "R"
+    with pytest.raises(ValueError, match="exclusive"):
+        TrainConfig(init_from="A", init_from_released="R")
