@@ -11,6 +11,7 @@ environment, library code never does)::
     torchrun --nnodes 2 --node_rank R --master_addr HEAD --master_port 29500 --nproc_per_node 8 \\
         -m jobs.train --config train_v1_0_pretrain
 
+``--init-from-released DIR`` starts from a released MoVE-KD checkpoint (``student.released``).
 ``--resume`` continues exactly from the newest checkpoint in ``output_dir``. ``--online-teachers
 EXTRACT_CONFIG`` runs the original MoVE-KD way for reference: the teachers of that extraction
 config compute the targets live every step instead of reading them from the cache.
@@ -59,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(reference mode, as in the original MoVE-KD) instead of reading the cache",
     )
     p.add_argument("--max-steps", type=int, help="shortcut for --set max_steps=N")
+    p.add_argument(
+        "--init-from-released",
+        metavar="DIR",
+        help="start from a released MoVE-KD checkpoint folder (shortcut for --set init_from_released=DIR; "
+        "its CLIP config comes from vision_tower, its tokenizer is the default tokenizer)",
+    )
     p.add_argument("--no-export", action="store_true", help="do not export the trained student at the end")
     p.add_argument("--print-config", action="store_true", help="print the resolved TrainConfig as JSON and exit")
 
@@ -72,7 +79,11 @@ def add_parser(subparsers) -> None:
 def resolve_config(args: argparse.Namespace):
     from jobs.config import load_config, parse_overrides
 
-    return load_config(args.config, parse_overrides(args.overrides, max_steps=args.max_steps), kind="train")
+    return load_config(
+        args.config,
+        parse_overrides(args.overrides, max_steps=args.max_steps, init_from_released=args.init_from_released),
+        kind="train",
+    )
 
 
 @dataclass

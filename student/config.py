@@ -15,6 +15,8 @@ Decisions:
 - ``sam_layout``: ``released`` (default) feeds SAM's cached row-major tokens to its adapter in the
   released code's flatten/pixel_unshuffle layout (student/adapters.py); ``honest`` as cached.
 - ``bf16=None`` means "bf16 autocast on CUDA, fp32 on CPU"; trainable weights stay fp32 masters.
+- ``init_from_released``: start from a released MoVE-KD checkpoint folder (``student.released``);
+  its CLIP config comes from ``vision_tower``, its tokenizer is the default ``tokenizer``.
 - Paths are plain strings (JSON-friendly); nothing here touches the filesystem.
 - ``to_dict``/``from_dict`` round-trip through JSON; unknown keys (also nested in ``mole``/``kd``)
   raise ``ValueError`` naming them (``cache.strict``), so a typo in a YAML preset fails loudly.
@@ -54,6 +56,7 @@ class TrainConfig:
     data_json: str = ""  # LLaVA-format conversations
     output_dir: str = "runs/movekd"
     init_from: str = ""  # a previous stage's export_pretrained dir ("" = start from vision_tower/llm)
+    init_from_released: str = ""  # a released MoVE-KD checkpoint folder (student.released.load_released)
     # -- model / data ----------------------------------------------------------------------
     teachers: tuple[str, ...] | None = None  # None = every teacher in the cache
     template: str = "plain"
@@ -107,6 +110,8 @@ class TrainConfig:
             if value not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {value!r}")
         self._check_numbers()
+        if self.init_from and self.init_from_released:
+            raise ValueError("TrainConfig.init_from and init_from_released are exclusive: start from one checkpoint")
         if self.stage == "pretrain" and self.tune_vision_base:
             raise ValueError(
                 "TrainConfig.tune_vision_base=True is a stage-2 (finetune) option; "
@@ -131,7 +136,8 @@ class TrainConfig:
 
     @property
     def tokenizer_path(self) -> str:
-        return self.tokenizer or self.llm
+        """``tokenizer``, else the released checkpoint (LLaVA saves its tokenizer there), else the LLM."""
+        return self.tokenizer or self.init_from_released or self.llm
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -194,7 +194,7 @@ def _load_extras(model: DistillModel, file: Path) -> None:
             params[name].copy_(value)
 
 
-def check_compatible(model: DistillModel, cfg, expected_adapters: nn.ModuleDict, teachers) -> None:
+def check_compatible(model: DistillModel, cfg, expected_adapters: nn.ModuleDict, teachers, source=None) -> None:
     """Refuse ``init_from`` exports whose shapes differ from what ``cfg`` and the cache ask for."""
     have = {
         "mole": model.mole_config.to_dict(),
@@ -210,5 +210,6 @@ def check_compatible(model: DistillModel, cfg, expected_adapters: nn.ModuleDict,
     if diffs:
         lines = "\n".join(f"  {p}: init_from={a!r} config={b!r}" for p, a, b in diffs[:12])
         raise ValueError(
-            f"init_from {cfg.init_from} does not fit this config/cache; {len(diffs)} field(s) differ:\n{lines}"
+            f"init_from {source or cfg.init_from} does not fit this config/cache; "
+            f"{len(diffs)} field(s) differ:\n{lines}"
         )

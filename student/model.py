@@ -16,6 +16,8 @@ Decisions:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -27,7 +29,10 @@ from student.export import check_compatible, load_pretrained
 from student.kd_loss import KDConfig
 from student.llava import LlavaStudent, build_llava, default_attn_implementation
 from student.mole import add_mole
+from student.released import load_released
 from student.trainable import set_trainable
+
+log = logging.getLogger(__name__)
 
 
 def resolve_teachers(cfg: TrainConfig, manifest: CacheManifest) -> tuple[str, ...]:
@@ -63,7 +68,8 @@ def build_student(cfg: TrainConfig, manifest: CacheManifest, compute_dtype: torc
     """Assemble the student for ``cfg`` against a cache, fp32 weights, trainable set per stage.
 
     ``compute_dtype`` (the autocast dtype, e.g. bf16 on CUDA) only picks the attention kernel.
-    With ``cfg.init_from`` the student starts from a previous stage's ``export_pretrained`` dir.
+    With ``cfg.init_from`` the student starts from a previous stage's ``export_pretrained`` dir,
+    with ``cfg.init_from_released`` from a released MoVE-KD checkpoint (``student.released``).
     """
     teachers = resolve_teachers(cfg, manifest)
     _check_cls_needs(cfg.kd, manifest)
@@ -71,6 +77,8 @@ def build_student(cfg: TrainConfig, manifest: CacheManifest, compute_dtype: torc
         torch.manual_seed(cfg.seed)
         if cfg.init_from:
             model = _from_previous_stage(cfg, manifest, teachers, _attn(cfg, compute_dtype))
+        elif cfg.init_from_released:
+            model = _from_released(cfg, manifest, teachers, _attn(cfg, compute_dtype))
         else:
             model = _fresh(cfg, manifest, teachers, _attn(cfg, compute_dtype))
     set_trainable(model, cfg.stage, cfg.tune_vision_base)
@@ -93,6 +101,30 @@ def _from_previous_stage(cfg, manifest, teachers, attn) -> DistillModel:
     dim, tokens = student_geometry(model.llava)
     expected = adapters_from_manifest(manifest, dim, tokens, cfg.adapter_kind, cfg.sam_layout)
     check_compatible(model, cfg, expected, teachers)
+    model.adapters = nn.ModuleDict({t: model.adapters[t] for t in teachers if t in expected})
+    model.teachers, model.clip_name = teachers, manifest.cls_teacher
+    return model
+
+
+def _from_released(cfg, manifest, teachers, attn) -> DistillModel:
+    """A released MoVE-KD checkpoint as the starting student: its MoLE must match ``cfg.mole``,
+    its adapters the cache's (``check_compatible``); adapters of teachers not in this run are dropped."""
+    grids = {t.name: t.grid for t in manifest.teachers}
+    model = load_released(
+        cfg.init_from_released,
+        vision_tower=cfg.vision_tower,
+        attn_implementation=attn,
+        mole=cfg.mole,
+        kd=cfg.kd,
+        sam_layout=cfg.sam_layout,
+        grids=grids,
+    )
+    dim, tokens = student_geometry(model.llava)
+    expected = adapters_from_manifest(manifest, dim, tokens, cfg.adapter_kind, cfg.sam_layout)
+    check_compatible(model, cfg, expected, teachers, source=cfg.init_from_released)
+    dropped = sorted(set(model.adapters) - set(teachers))
+    if dropped:
+        log.warning("init_from_released: adapters %s are not teachers of this run; not used", dropped)
     model.adapters = nn.ModuleDict({t: model.adapters[t] for t in teachers if t in expected})
     model.teachers, model.clip_name = teachers, manifest.cls_teacher
     return model
