@@ -131,6 +131,8 @@ def _cmd_verify(args) -> int:
     else:
         for problem in report.problems:
             print(f"PROBLEM {problem}")
+        for note in report.notes:
+            print(f"NOTE {note}")
         status = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
         print(
             f"{status}: {report.shards_committed}/{report.shards_total} shards committed (incl. the no-image "

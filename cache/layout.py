@@ -15,6 +15,7 @@ the final, partial zarr shard.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,9 @@ class ArraySpec:
     compressor: str
     teacher: str | None
     component: str | None
+
+
+MARKER_NAME = re.compile(r"shard-(\d{5})\.json")  # a commit marker's file name in _commits/
 
 
 def marker_name(shard: int) -> str:

@@ -18,6 +18,7 @@ Decisions:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,10 +27,21 @@ import numpy as np
 import zarr
 
 from cache.codecs import get_codec
-from cache.layout import CLS_ATTN, CLS_STATE, COMMITS, STATS_FILE, TEACHERS, array_file_key, marker_name
+from cache.layout import (
+    CLS_ATTN,
+    CLS_STATE,
+    COMMITS,
+    MARKER_NAME,
+    STATS_FILE,
+    TEACHERS,
+    array_file_key,
+    marker_name,
+)
 from cache.manifest import ATTRS_KEY, CacheManifest, ManifestError
 from cache.marker import ShardCommit
 from cache.store import Location
+
+log = logging.getLogger(__name__)
 
 
 class CacheError(ValueError):
@@ -76,38 +88,57 @@ class FeatureCache:
         self._index: dict[str, int] = {}
         self._failed: dict[str, str] = {}
         self._checked: set[tuple[str, int]] = set()  # (array path, shard) whose file was checked
+        self.marker_problems: dict[str, str] = {}  # marker file name -> why it is ignored
+        self.ignored_files: list[str] = []  # files in _commits/ that are not markers
         self.reload()
 
     # -- index -------------------------------------------------------------------------------
     def reload(self) -> None:
-        """Re-read commit markers (picks up shards committed since opening)."""
-        commits, index, failed = {}, {}, {}
+        """Re-read commit markers (picks up shards committed since opening).
+
+        One bad file never makes the cache unreadable: a marker that cannot be read, names another
+        shard, lies outside the manifest's shards or repeats another shard's key leaves its shard
+        invisible and is listed in ``marker_problems`` (``verify`` reports each by file name);
+        files that are not markers at all are ignored with a warning (``ignored_files``)."""
+        commits, index, failed, problems, ignored = {}, {}, {}, {}, []
         for name in self.location.list(COMMITS):
-            if not (name.startswith("shard-") and name.endswith(".json")):
-                continue  # temp files of an in-flight commit
-            shard = int(name[6:11])
+            if ".json.tmp-" in name:
+                continue  # temp file of an in-flight commit
+            m = MARKER_NAME.fullmatch(name)
+            if m is None:
+                ignored.append(name)
+                continue
+            shard = int(m.group(1))
             raw = self.location.read_bytes(f"{COMMITS}/{name}")
             if raw is None:
                 continue  # removed since listing: a rewrite of that shard has just uncommitted it
             try:
+                if shard > self.manifest.num_shards:
+                    raise ValueError(f"shard {shard} is outside the manifest's 0..{self.manifest.num_shards}")
                 marker = ShardCommit.from_dict(json.loads(raw))
                 if marker.shard != shard:
                     raise ValueError(f"it names shard {marker.shard}")
-            except (TypeError, ValueError) as e:
-                raise CacheError(
-                    f"{self.location.url}: commit marker {name} is unreadable ({e}); "
-                    f"run `movekd cache verify` and re-extract that shard"
-                ) from e
-            start, _ = self.manifest.shard_rows(shard)
+                start, stop = self.manifest.shard_rows(shard)
+                if marker.count > stop - start:
+                    raise ValueError(f"{marker.count} keys for a shard of {stop - start} rows")
+                dup = next((k for k in marker.keys if k in index), None)
+                if dup is not None:
+                    raise ValueError(f"key {dup!r} is also in row {index[dup]} (a duplicate image)")
+            except (TypeError, ValueError, KeyError) as e:
+                problems[name] = str(e)
+                continue
             for i, key in enumerate(marker.keys):
-                if key in index:
-                    raise CacheError(
-                        f"key {key!r} is in shard {shard} and in row {index[key]}: the cache has a duplicate image"
-                    )
                 index[key] = start + i
             failed.update(marker.failed)
             commits[shard] = marker
+        for name, why in problems.items():
+            log.warning("%s: commit marker %s is ignored (%s); %s", self.location.url, name, why, self.repair_hint())
+        if ignored:
+            log.warning(
+                "%s: ignoring files in %s/ that are not commit markers: %s", self.location.url, COMMITS, ignored
+            )
         self.commits, self._index, self._failed = commits, index, failed
+        self.marker_problems, self.ignored_files = problems, ignored
         self._checked = set()
 
     @property

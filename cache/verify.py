@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cache.codecs import bf16_bits_to_float
-from cache.layout import array_specs, shard_file_key
+from cache.layout import COMMITS, array_specs, shard_file_key
 from cache.marker import checksum
 from cache.reader import CacheError, FeatureCache
 
@@ -28,6 +28,7 @@ class VerifyReport:
     shards_committed: int = 0
     shards_checked: int = 0
     rows_sampled: int = 0
+    notes: list[str] = field(default_factory=list)  # harmless findings (stray files), not problems
 
     @property
     def ok(self) -> bool:
@@ -42,6 +43,7 @@ class VerifyReport:
             "shards_committed": self.shards_committed,
             "shards_checked": self.shards_checked,
             "rows_sampled": self.rows_sampled,
+            "notes": self.notes,
         }
 
 
@@ -55,6 +57,9 @@ def verify_cache(location: str | os.PathLike, sample: int = 16, seed: int = 0, p
     m = cache.manifest
     report.shards_total = m.num_shards + 1
     report.shards_committed = len(cache.commits)
+    for name, why in sorted(cache.marker_problems.items()):
+        report.problems.append(f"{COMMITS}/{name}: unusable commit marker ({why}); its shard is not readable")
+    report.notes += [f"{COMMITS}/{name}: not a commit marker, ignored" for name in cache.ignored_files]
     for shard in range(m.num_shards + 1):
         if shard not in cache.commits:
             what = "reserved no-image row" if shard == m.num_shards else "data shard"

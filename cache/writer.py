@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 
 from cache.codecs import NonFiniteError, check_finite, get_codec
-from cache.layout import CLS_ATTN, CLS_STATE, TEACHERS, array_file_key, create_arrays, marker_name
+from cache.layout import CLS_ATTN, CLS_STATE, MARKER_NAME, TEACHERS, array_file_key, create_arrays, marker_name
 from cache.manifest import ATTRS_KEY, CacheManifest
 from cache.marker import NULL_KEY, ShardCommit, checksum
 from cache.reader import load_manifest
@@ -70,8 +70,10 @@ class CacheWriter:
 
     # -- state -----------------------------------------------------------------------------
     def committed_shards(self) -> set[int]:
-        names = self.location.list("_commits")
-        return {int(n[6:11]) for n in names if n.startswith("shard-") and n.endswith(".json")}
+        """Shards with a marker file of the right name, within the manifest's range (stray files
+        such as ``shard-abcde.json`` or ``shard-99999.json`` are not shards of this cache)."""
+        shards = {int(m.group(1)) for n in self.location.list("_commits") if (m := MARKER_NAME.fullmatch(n))}
+        return {s for s in shards if s <= self.manifest.num_shards}
 
     def is_committed(self, shard: int) -> bool:
         return self.location.exists(marker_name(shard))

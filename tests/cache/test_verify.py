@@ -36,6 +36,7 @@ def test_clean_cache_verifies(cache_path):
         "shards_committed": 4,
         "shards_checked": 4,
         "rows_sampled": 11,  # 10 valid images + the no-image row
+        "notes": [],
     }
 
 
@@ -99,6 +100,6 @@ def test_missing_shard_file_is_reported(cache_path, manifest):
 def test_unreadable_marker_and_missing_cache(cache_path, tmp_path):
     (cache_path / "_commits" / "shard-00001.json").write_text("{half a marker")
     report = verify_cache(cache_path, progress=False)
-    assert not report.ok and "commit marker shard-00001.json is unreadable" in report.problems[0]
+    assert not report.ok and report.problems[0].startswith("_commits/shard-00001.json: unusable commit marker")
     report = verify_cache(tmp_path / "nothing", progress=False)
     assert report.problems[0].startswith("cannot open: no cache at")
