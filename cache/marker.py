@@ -27,6 +27,10 @@ def checksum(a: np.ndarray) -> str:
     return "blake2b:" + hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest()
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass
 class ShardCommit:
     """What a commit marker records (also returned by ``write_shard``)."""
@@ -70,13 +74,29 @@ class ShardCommit:
         missing = [k for k in ("shard", "count", "keys", "failed", "checksums") if k not in d]
         if missing:
             raise ValueError(f"commit marker of shard {d.get('shard')} lacks {missing}")
+        where = f"commit marker of shard {d['shard']}"
+        if not _is_int(d["shard"]) or d["shard"] < 0 or not _is_int(d["count"]):
+            raise ValueError(f"{where}: 'shard' and 'count' must be integers >= 0")
+        if not isinstance(d["keys"], list) or not all(isinstance(k, str) and k for k in d["keys"]):
+            raise ValueError(f"{where}: 'keys' must be a list of non-empty strings, got {type(d['keys']).__name__}")
+        if not d["keys"]:
+            raise ValueError(f"{where}: no keys (a committed shard holds at least one row)")
+        if len(set(d["keys"])) != len(d["keys"]):
+            raise ValueError(f"{where}: duplicate keys")
         if d["count"] != len(d["keys"]):
-            raise ValueError(f"commit marker of shard {d['shard']}: count {d['count']} != {len(d['keys'])} keys")
+            raise ValueError(f"{where}: count {d['count']} != {len(d['keys'])} keys")
+        for name in ("failed", "checksums"):
+            if not isinstance(d[name], Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in d[name].items()
+            ):
+                raise ValueError(f"{where}: {name!r} must map strings to strings")
+        if set(d["failed"]) - set(d["keys"]):
+            raise ValueError(f"{where}: failed keys {sorted(set(d['failed']) - set(d['keys']))[:5]} are not its keys")
         files = d.get("files", {})  # absent in markers written before file sizes were recorded
         if not isinstance(files, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in files.items()
+            isinstance(k, str) and _is_int(v) and v >= 0 for k, v in files.items()
         ):
-            raise ValueError(f"commit marker of shard {d['shard']}: 'files' must map file keys to byte sizes >= 0")
+            raise ValueError(f"{where}: 'files' must map file keys to byte sizes >= 0")
         return cls(
             int(d["shard"]),
             list(d["keys"]),

@@ -177,6 +177,13 @@ class FeatureCache:
             self._group, self._pid = zarr.open_group(self.location.zarr_path, mode="r"), os.getpid()
         return self._group
 
+    def array(self, path: str) -> zarr.Array:
+        """The zarr array at ``path`` (e.g. ``teachers/eva/values``); CacheError when absent."""
+        try:
+            return self._arrays()[path]
+        except KeyError:
+            raise CacheError(f"{self.location.url}: array {path} is missing") from None
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_group"] = None

@@ -64,12 +64,39 @@ def verify_cache(location: str | os.PathLike, sample: int = 16, seed: int = 0, p
         if shard not in cache.commits:
             what = "reserved no-image row" if shard == m.num_shards else "data shard"
             report.problems.append(f"shard {shard:05d} ({what}): not committed (extraction incomplete)")
-    specs = array_specs(m)
+    specs = [spec for spec in array_specs(m) if not _check_array(cache, spec, report.problems)]
     for shard in tqdm(sorted(cache.commits), desc="verify shards", unit="shard", disable=not progress):
         report.problems += _check_shard(cache, shard, specs)
         report.shards_checked += 1
     report.rows_sampled = _check_sample(cache, sample, seed, report.problems)
     return report
+
+
+def _check_array(cache: FeatureCache, spec, problems: list[str]) -> bool:
+    """Append what is wrong with the array itself (shape, dtype, chunking vs the manifest); True
+    when something is (its shards are then not checked: their rows would not mean what the
+    manifest says)."""
+    m = cache.manifest
+    try:
+        arr = cache.array(spec.path)
+    except CacheError:
+        problems.append(f"{spec.path}: array missing (the manifest lists it)")
+        return True
+    want = {
+        "shape": (m.num_rows, *spec.per_row),
+        "dtype": np.dtype(spec.dtype),
+        "chunks": (1, *spec.per_row),
+        "shards": (m.shard_size, *spec.per_row),
+    }
+    have = {"shape": arr.shape, "dtype": arr.dtype, "chunks": arr.chunks, "shards": arr.shards}
+    bad = [f"{k} {have[k]} (manifest: {want[k]})" for k in want if tuple_or(have[k]) != tuple_or(want[k])]
+    if bad:
+        problems.append(f"{spec.path}: does not match the manifest: " + ", ".join(bad))
+    return bool(bad)
+
+
+def tuple_or(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else v
 
 
 def _check_shard(cache: FeatureCache, shard: int, specs) -> list[str]:
