@@ -78,6 +78,27 @@ def resolve_config(args: argparse.Namespace) -> ExtractConfig:  # noqa: F821
     return cfg
 
 
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for an entry point started by `ray job submit`
+
+
+def relative_paths_in_a_ray_job(cfg, env=None) -> str | None:
+    """Under ``ray job submit --working-dir``, the entry point runs in the job's uploaded copy of
+    the working dir, deleted with the job: a relative ``packed``/``out`` would read from or write
+    the cache into that copy. Returns the error to show, or None."""
+    from cache.store import is_url
+
+    if RAY_JOB_ENV not in (os.environ if env is None else env):
+        return None
+    rel = [f"{k}={v}" for k, v in (("packed", cfg.packed), ("out", cfg.out)) if v and not is_url(str(v))]
+    rel = [r for r in rel if not os.path.isabs(r.split("=", 1)[1])]
+    if not rel:
+        return None
+    return (
+        f"{', '.join(rel)}: in a `ray job submit` job a relative path points into the job's uploaded copy of "
+        f"the working dir, which is deleted with the job; pass absolute paths (or URLs) seen by every node"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from cache.manifest import ManifestMismatchError
     from jobs.cli import user_error
@@ -90,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    problem = relative_paths_in_a_ray_job(cfg)
+    if problem:
+        return user_error("movekd extract", problem)
     if args.dry_run:
         from pipeline.extract_describe import describe_extraction, format_description
 
