@@ -168,3 +168,62 @@ def test_cli_config_errors_are_one_line_and_exit_2():
     assert out.stderr.strip() == (
         "movekd train: bad config: config 'movekd_v1_0_pretrain' is an extract preset; run it with `movekd extract`"
     )
+
+
+# -- values are typed at the edge (issue 11, item 11) ---------------------------------------------
+
+
+def _train_print(*sets: str):
+    from jobs.train import main as train_main
+
+    argv = ["--config", "train_v1_0_pretrain", "--print-config"]
+    for s in sets:
+        argv += ["--set", s]
+    return train_main(argv)
+
+
+def test_set_lr_2e_minus_5_is_a_float(capsys):
+    """YAML 1.1 reads '2e-5' as a string; `--set lr=2e-5` is the example in `movekd train --help`."""
+    assert _train_print("lr=2e-5", "batch_size=8", "mole.rank=16") == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["lr"] == 2e-5 and isinstance(cfg["lr"], float)
+    assert cfg["batch_size"] == 8 and cfg["mole"]["rank"] == 16
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("batch_size=four", "TrainConfig.batch_size: expected int, got 'four' (str)"),
+        ("lr=fast", "TrainConfig.lr: expected float, got 'fast' (str)"),
+        ("lr=true", "TrainConfig.lr: expected float, got True (bool)"),
+        ("gradient_checkpointing=maybe", "TrainConfig.gradient_checkpointing: expected bool, got 'maybe'"),
+        ("mole.rank=1.5", "rank: expected int, got 1.5 (float)"),
+        ("batchsize=8", "unknown field(s) ['batchsize']; valid fields:"),
+    ],
+)
+def test_bad_values_name_the_key_the_value_and_the_type(override, named, capsys):
+    assert _train_print(override) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err, err
+
+
+def test_strict_scalars():
+    from dataclasses import dataclass
+
+    from cache.strict import from_mapping
+
+    @dataclass(frozen=True)
+    class C:
+        f: float = 0.0
+        i: int = 0
+        b: bool = False
+        s: str = ""
+        o: int | None = None
+        t: tuple[int, ...] = ()
+
+    c = from_mapping(C, {"f": 1, "i": "3", "b": "false", "s": None, "o": None, "t": ["1", 2]})
+    assert (c.f, c.i, c.b, c.s, c.o, c.t) == (1.0, 3, False, "", None, (1, 2))
+    assert isinstance(c.f, float)
+    for bad in ({"s": 5}, {"i": True}, {"i": 2.5}, {"t": ["x"]}):
+        with pytest.raises(ValueError, match="expected"):
+            from_mapping(C, bad)
