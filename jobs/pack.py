@@ -63,4 +63,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"movekd pack: error: {e}", file=sys.stderr)
         return 2
     print(format_summary(result))
+    if result.num_images == 0:
+        print(
+            f"movekd pack: error: nothing was packed: none of the {result.counts.get('rows', 0)} rows has a usable "
+            f"image (why, per row: {result.report_path}); check --image-root and the JSON's image paths",
+            file=sys.stderr,
+        )
+        return 1
     return 0

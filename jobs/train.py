@@ -52,7 +52,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="override a TrainConfig field (dotted keys, YAML values), e.g. --set lr=2e-5 "
         "--set kd.teacher_weighting=paper --set mole.rank=16; repeatable",
     )
-    p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in output_dir")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="yes",
+        default=None,
+        choices=["yes", "auto"],
+        help="continue exactly from the newest checkpoint in output_dir; a bare --resume refuses to start "
+        "when there is none (so a wrong output_dir is not silently a new run), --resume auto starts fresh "
+        "then (for schedulers that rerun the same command)",
+    )
     p.add_argument(
         "--online-teachers",
         metavar="EXTRACT_CONFIG",
@@ -210,10 +219,23 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    from student.checkpoint import find_latest
+
+    latest = find_latest(cfg.output_dir) if args.resume else None
+    if args.resume == "yes" and latest is None:
+        return user_error(
+            "movekd train",
+            f"--resume: no checkpoint in {cfg.output_dir} to continue; run without --resume to start a new run "
+            "there, or use --resume auto (start fresh when there is none)",
+        )
+    if latest is not None:
+        log.info("resuming from %s", latest)
+    elif args.resume:
+        log.info("--resume auto: no checkpoint in %s yet, starting a new run", cfg.output_dir)
     dist_info = init_distributed()
     try:
         trainer, tokenizer = build_training(cfg, dist_info, args.online_teachers)
-        state = trainer.train(resume=args.resume)
+        state = trainer.train(resume=bool(args.resume))
     except ValueError as e:  # bad cache/config/checkpoint: one clear line, no traceback
         shutdown_distributed(barrier=False)  # peers may never reach a barrier now: do not wait for them
         return user_error("movekd train", e)

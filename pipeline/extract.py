@@ -24,7 +24,7 @@ import logging
 import time
 
 from pipeline.extract_config import ExtractConfig
-from pipeline.extract_plan import ExtractPlan, build_manifest, plan
+from pipeline.extract_plan import ExtractPlan, build_manifest, check_inputs, plan
 from pipeline.extract_ray import run_on_ray
 from pipeline.extract_report import ExtractReport, ShardTracker, summarize, write_report
 
@@ -49,8 +49,9 @@ def extract_in_process(cfg: ExtractConfig, extractor=None) -> ExtractReport:
     from pipeline.extract_worker import ShardExtractor
 
     t0 = time.perf_counter()
+    packed = check_inputs(cfg)  # before loading any teacher
     extractor = extractor or ShardExtractor(cfg)
-    p = plan(cfg, extractor.describe())
+    p = plan(cfg, extractor.describe(), packed)
     extractor.bind(p.manifest)
     report = p.new_report()
     tracker = ShardTracker(report, list(p.todo), p.images_todo, p.manifest.num_shards, cfg.progress)

@@ -50,6 +50,19 @@ def build_manifest(cfg: ExtractConfig, packed: PackedDataset, teachers: Sequence
     )
 
 
+def check_inputs(cfg: ExtractConfig) -> PackedDataset:
+    """What extraction needs, checked before any teacher is loaded (minutes on a real node): the
+    paths are set, ``packed`` is a finished pack, and it holds at least one image."""
+    cfg.require_io()
+    packed = PackedDataset(cfg.packed)
+    if packed.num_images == 0 or packed.num_shards == 0:
+        raise ValueError(
+            f"pack {cfg.packed} holds no images (its report, {packed.report_path}, says why each row was "
+            "skipped): nothing to extract; fix the image paths and pack again"
+        )
+    return packed
+
+
 def plan(
     cfg: ExtractConfig, teachers: Sequence[TeacherEntry | dict], packed: PackedDataset | None = None
 ) -> ExtractPlan:
@@ -58,8 +71,7 @@ def plan(
     ``teachers`` are the manifest entries of the loaded teachers (``ShardExtractor.describe()``).
     Raises ``ManifestMismatchError`` naming every differing field when the cache exists with
     another configuration."""
-    cfg.require_io()
-    packed = packed or PackedDataset(cfg.packed)
+    packed = packed or check_inputs(cfg)
     manifest = build_manifest(cfg, packed, teachers)
     writer = CacheWriter.create(cfg.out, manifest)
     done = writer.committed_shards()

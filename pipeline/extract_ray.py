@@ -25,7 +25,7 @@ import time
 from collections import deque
 
 from pipeline.extract_config import ExtractConfig
-from pipeline.extract_plan import ExtractPlan, plan
+from pipeline.extract_plan import ExtractPlan, check_inputs, plan
 from pipeline.extract_report import ExtractReport, ShardTracker, write_report
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,11 @@ def run_on_ray(cfg: ExtractConfig) -> ExtractReport:
     import ray
 
     t0 = time.perf_counter()
-    cfg.require_io()
+    packed = check_inputs(cfg)  # before starting Ray or loading any teacher
     init_ray(cfg)
     pool = _ActorPool(cfg)
     try:
-        p = plan(cfg, ray.get(pool.actors[0].describe.remote()))
+        p = plan(cfg, ray.get(pool.actors[0].describe.remote()), packed)
         pool.bind(p.manifest.to_dict())
         report = p.new_report()
         _run_shards(pool, p, report, cfg)

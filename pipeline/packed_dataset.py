@@ -122,6 +122,7 @@ class PackedDataset:
     num_shards = property(lambda self: self.index["num_shards"])
     num_images = property(lambda self: self.index["num_images"])
     files = property(lambda self: list(self._files))
+    report_path = property(lambda self: os.path.join(self.root, REPORT_NAME))
 
     def shard_path(self, i: int) -> str:
         if not 0 <= i < self.num_shards:

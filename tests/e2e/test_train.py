@@ -350,6 +350,17 @@ def test_resume_with_an_incompatible_config(world, checkpointed, tmp_path, capsy
     assert "incompatible configuration" in err and expected in err and "step-0000002" in err
 
 
+def test_resume_without_a_checkpoint_is_refused_unless_auto(world, tmp_path, capsys):
+    """A bare --resume on an empty output_dir was silently a new run (a wrong path went unnoticed)."""
+    out = tmp_path / "typo-run"
+    code, err = cli(train_argv(world, out, "--resume", "--no-export", "--max-steps", "1"), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--resume: no checkpoint in {out} to continue" in err and "--resume auto" in err
+    assert not (out / "train_log.jsonl").exists()
+    code, err = cli(train_argv(world, out, "--resume", "auto", "--no-export", "--max-steps", "1"), capsys)
+    assert code == 0 and [r["step"] for r in read_log(out)] == [1]
+
+
 # -- the demo ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):

@@ -354,3 +354,34 @@ def test_malformed_file_is_a_clear_error(tmp_path, text, msg):
 def test_packing_does_not_import_torch():
     code = "import sys, pipeline.packing, pipeline.sample_data, jobs.pack; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_pack_of_nothing_exits_non_zero_and_extraction_refuses_it_before_loading_teachers(
+    dataset, tmp_path, capsys, monkeypatch
+):
+    """Every image missing: pack used to exit 0, and extraction then died after loading the
+    teachers ("num_shards must be > 0")."""
+    from jobs.extract import main as extract_main
+
+    empty_root = tmp_path / "no-images-here"
+    empty_root.mkdir()
+    out = tmp_path / "empty-pack"
+    args = ["pack", "--image-root", str(empty_root), "--out", str(out), "--no-progress"]
+    for j in dataset["json"]:
+        args += ["--data", j]
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert "nothing was packed" in err and "report.json" in err
+
+    import pipeline.extract_worker as worker
+
+    def never(*a, **k):
+        raise AssertionError("a teacher was loaded for an empty pack")
+
+    monkeypatch.setattr(worker.ShardExtractor, "__init__", never)
+    code = extract_main(["--config", "tiny", "--packed", str(out), "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "holds no images" in err[-1] and "nothing to extract" in err[-1]
+    code = extract_main(["--config", "tiny", "--packed", str(tmp_path / "nope"), "--out", str(tmp_path / "c2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "not a finished pack" in err[-1]
