@@ -52,6 +52,9 @@ def build_parser(verbs: dict[str, str] | None = None) -> argparse.ArgumentParser
         description="Offline multi-teacher distillation for MoVE-KD: pack, extract, cache, train.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (default: one line naming what is wrong)"
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for module in dict.fromkeys((verbs or VERBS).values()):  # one module may register several verbs
         try:
@@ -90,14 +93,38 @@ def user_error(prog: str, message: object) -> int:
     return 2
 
 
+# What the error boundary reports as a user's mistake (one line, exit 2): the project raises
+# ValueError (and its subclasses CacheError, ManifestError, ...) for bad input, configs and data;
+# the OS errors are paths that do not exist or cannot be used. Anything else is a bug: traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def guarded(prog: str, run, args, debug: bool = False) -> int:
+    """Run a verb inside the error boundary: a known user error is one line on stderr and exit
+    code 2 (``--debug``: the traceback instead); Ctrl-C is one line and 130."""
+    try:
+        return int(run(args) or 0)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        msg = str(e) or type(e).__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+        return user_error(prog, " ".join(msg.split()) + "  (--debug shows the traceback)")
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
 def run_module(prog: str, description: str, add_arguments, run, argv: list[str] | None = None) -> int:
     """``python -m jobs.VERB``: the verb's own parser and runner, without the ``movekd`` wrapper."""
     prepare_process(prog.rsplit(".", 1)[-1])
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_arguments(parser)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     setup_logging()
-    return int(run(args) or 0)
+    return guarded(prog, run, args, args.debug)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         build_parser().print_help()
         return 2
-    return int(args.func(args) or 0)
+    return guarded(f"movekd {args.verb}", args.func, args, args.debug)
 
 
 if __name__ == "__main__":

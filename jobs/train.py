@@ -219,6 +219,17 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    unset = [
+        k
+        for k in ("cache", "data_json", "image_root")
+        if not getattr(cfg, k) and not (k == "cache" and args.online_teachers)
+    ]
+    if unset:
+        sets = " ".join(f"--set {k}=..." for k in unset)
+        return user_error(
+            "movekd train",
+            f"the config leaves {', '.join(unset)} unset (presets ship without data paths): pass {sets}",
+        )
     from student.checkpoint import find_latest
 
     latest = find_latest(cfg.output_dir) if args.resume else None
