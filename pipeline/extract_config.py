@@ -43,6 +43,7 @@ class ExtractConfig:
     decode_threads: int = 4
     prefetch_batches: int = 2
     max_shard_retries: int = 2
+    worker_start_timeout_s: float = 1800.0  # a worker not started (placed + teachers loaded) by then: error
     ray_address: str | None = None
     ray_num_cpus: int | None = None
     report: str | None = None

@@ -76,6 +76,7 @@ def run_on_ray(cfg: ExtractConfig) -> ExtractReport:
     t0 = time.perf_counter()
     packed = check_inputs(cfg)  # before starting Ray or loading any teacher
     init_ray(cfg)
+    check_cluster(cfg)  # before loading any teacher: unplaceable workers would wait forever
     pool = _ActorPool(cfg)
     try:
         p = plan(cfg, ray.get(pool.actors[0].describe.remote()), packed)
@@ -87,6 +88,38 @@ def run_on_ray(cfg: ExtractConfig) -> ExtractReport:
     report.seconds = time.perf_counter() - t0
     write_report(cfg, report)
     return report
+
+
+def worker_resources(cfg: ExtractConfig) -> dict[str, float]:
+    """What one extraction actor asks Ray for."""
+    from pipeline.extract_worker import resolve_device
+
+    if resolve_device(cfg.device) == "cuda":
+        return {"GPU": float(cfg.gpus_per_worker), "CPU": 1.0}
+    return {"CPU": float(cfg.cpus_per_worker)}
+
+
+def check_cluster(cfg: ExtractConfig, have: dict | None = None) -> None:
+    """Refuse, in one line, a run whose workers the cluster cannot place (Ray would queue them
+    forever: "No available node types can fulfill resource request"). ``have`` defaults to
+    ``ray.cluster_resources()``; autoscaling clusters are not waited for."""
+    if have is None:
+        import ray
+
+        have = ray.cluster_resources()
+    per = worker_resources(cfg)
+    fits = min(int(have.get(k, 0.0) // v) if v > 0 else cfg.num_workers for k, v in per.items())
+    if fits >= cfg.num_workers:
+        return
+    asked = ", ".join(f"{cfg.num_workers} x {v:g} {k}" for k, v in per.items())
+    has = ", ".join(f"{have.get(k, 0.0):g} {k}" for k in per)
+    if fits == 0 and "GPU" in per:
+        hint = "set device=cpu (or auto on a machine without GPUs), or run on a cluster with GPU nodes"
+    elif fits == 0:
+        hint = f"set cpus_per_worker <= {have.get('CPU', 0.0):g}"
+    else:
+        hint = f"set num_workers <= {fits}"
+    raise ValueError(f"the Ray cluster cannot place the extraction workers: asked {asked}, it has {has}; {hint}")
 
 
 class _ActorPool:
@@ -105,6 +138,24 @@ class _ActorPool:
         self.manifest: dict | None = None
         self.actors = [self._new(i) for i in range(cfg.num_workers)]
         self.restarts = 0
+        self._wait_started()
+
+    def _wait_started(self) -> None:
+        """Every actor placed and its teachers loaded within ``worker_start_timeout_s``; else an
+        error saying how many started and what the cluster has (never a silent wait)."""
+        import ray
+
+        refs = [a.__ray_ready__.remote() for a in self.actors]
+        log.info("starting %d extraction worker(s) (placing them and loading the teachers)", len(refs))
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.worker_start_timeout_s)
+        ray.get(ready)  # a worker whose teachers failed to load raises here, with its error
+        if pending:
+            self.shutdown()
+            raise ValueError(
+                f"{len(pending)} of {len(refs)} extraction workers did not start within "
+                f"{self.cfg.worker_start_timeout_s:g} s (each asks {worker_resources(self.cfg)}; the cluster has "
+                f"{ray.cluster_resources()}); free resources, lower num_workers, or raise worker_start_timeout_s"
+            )
 
     def _new(self, worker_id: int):
         actor = self._cls.remote(self.cfg, worker_id, self._threads)
