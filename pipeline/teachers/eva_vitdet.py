@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,7 +236,9 @@ class EvaViTDet(nn.Module):
         grid = pos.reshape(1, size, size, -1)
         if (size, size) == tuple(hw):
             return grid
-        with torch.autocast(pos.device.type, enabled=False):
+        device = pos.device.type
+        fp32 = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
+        with fp32:
             resized = F.interpolate(grid.permute(0, 3, 1, 2).float(), size=hw, mode="bicubic", align_corners=False)
         return resized.to(pos.dtype).permute(0, 2, 3, 1)
 
