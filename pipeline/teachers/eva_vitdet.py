@@ -133,7 +133,9 @@ def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[
     return x.reshape(-1, window, window, c), (hp, wp)
 
 
-def window_unpartition(windows: torch.Tensor, window: int, padded: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+def window_unpartition(
+    windows: torch.Tensor, window: int, padded: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
     """The inverse of ``window_partition``: ``[B, H, W, C]`` with the padding cut off."""
     hp, wp = padded
     b = windows.shape[0] // ((hp // window) * (wp // window))

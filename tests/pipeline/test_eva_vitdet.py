@@ -1,18 +1,15 @@
-"""The released EVA-02 ViTDet teacher (``eva_vitdet``) against a plain-torch forward written here.
+"""The released EVA-02 ViTDet teacher (``eva_vitdet``) against a plain-torch forward of the tests.
 
-``reference_forward`` recomputes the backbone from the checkpoint's tensors alone, in float64,
-without the module under test: a loop over windows with explicit zero padding, softmax attention
-written out, the 2-D RoPE angle of every channel from its formula, and the position embedding's
-bicubic resize built as PyTorch's interpolation matrices (Keys' cubic, A = -0.75, half-pixel
-centres, clamped borders). The tiny checkpoints are saved in the released layout (detectron2
-``model`` nesting, ``backbone.net.`` prefix, head weights and RoPE buffers that must be ignored).
+``reference_forward`` (``tests/pipeline/eva_vitdet_reference.py``) recomputes the backbone from the
+checkpoint's tensors alone, in float64, without the module under test (window loops with zero
+padding, written-out softmax attention and RoPE, bicubic resize as interpolation matrices). The
+tiny checkpoints are saved in the released layout (detectron2 ``model`` nesting, ``backbone.net.``
+prefix, head weights and RoPE buffers that must be ignored).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
 
 import numpy as np
 import pytest
@@ -22,106 +19,11 @@ import torch.nn.functional as F
 from pipeline.teachers import TeacherSpec, build_teacher, describe_teacher
 from pipeline.teachers.eva_vitdet import EvaViTDet, EvaViTDetConfig
 from pipeline.teachers.eva_vitdet_teacher import load_eva_vitdet
+from tests.pipeline.eva_vitdet_reference import reference_forward
 
 TINY = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4, window_size=4, global_blocks=[1, 3], pretrain_img_size=48)
 PREFIX = "backbone.net."
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 teacher vs the float64 reference (tokens reach |x| ~ 15)
-
-
-# -- the independent reference -----------------------------------------------------------------
-def cubic_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """[n_out, n_in]: 1-D bicubic resampling, align_corners=False, A = -0.75, borders clamped."""
-
-    def w(t):
-        t, a = abs(t), -0.75
-        if t <= 1:
-            return (a + 2) * t**3 - (a + 3) * t**2 + 1
-        return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a if t < 2 else 0.0
-
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for i in range(n_out):
-        src = (i + 0.5) * n_in / n_out - 0.5
-        base = math.floor(src)
-        for j in range(base - 1, base + 3):
-            m[i, min(max(j, 0), n_in - 1)] += w(src - j)
-    return m
-
-
-def rope(x: torch.Tensor, rows: list[float], cols: list[float], pretrain: int = 16) -> torch.Tensor:
-    """x [heads, N, d]; token i sits at (rows[i], cols[i]) of an n x n grid, already scaled."""
-    out = torch.empty_like(x)
-    d = x.shape[-1]
-    half = d // 2
-    for c in range(0, d, 2):
-        pos = torch.tensor(rows if c < half else cols, dtype=torch.float64)
-        j = c if c < half else c - half  # the pair's index within its half
-        angle = pos * 10000.0 ** (-(j // 2 * 2) / half)
-        a, b = x[..., c], x[..., c + 1]
-        out[..., c] = a * angle.cos() - b * angle.sin()
-        out[..., c + 1] = b * angle.cos() + a * angle.sin()
-    return out
-
-
-def attend(tokens: torch.Tensor, sd: dict, i: int, heads: int, rows: list[float], cols: list[float]) -> torch.Tensor:
-    """tokens [N, C] -> [N, C]: one image's (or one window's) softmax attention of block ``i``."""
-    p = f"blocks.{i}.attn."
-    n, c = tokens.shape
-    q = tokens @ sd[p + "q_proj.weight"].T + sd[p + "q_bias"]
-    k = tokens @ sd[p + "k_proj.weight"].T  # the released attention has no k bias
-    v = tokens @ sd[p + "v_proj.weight"].T + sd[p + "v_bias"]
-    q, k, v = (t.reshape(n, heads, c // heads).transpose(0, 1) for t in (q, k, v))
-    q, k = rope(q, rows, cols), rope(k, rows, cols)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(c // heads)
-    probs = scores.exp() / scores.exp().sum(-1, keepdim=True)
-    out = (probs @ v).transpose(0, 1).reshape(n, c)
-    return out @ sd[p + "proj.weight"].T + sd[p + "proj.bias"]
-
-
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + 1e-6) * weight + bias
-
-
-def reference_forward(sd: dict, cfg: dict, pixels: torch.Tensor) -> torch.Tensor:
-    """[B, H*W, C] float64 from the backbone tensors ``sd`` (prefix removed)."""
-    sd = {k: v.double() for k, v in sd.items()}
-    x = F.conv2d(pixels.double(), sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=cfg["patch_size"])
-    b, c, h, w = x.shape
-    pos = sd["pos_embed"][0, 1:]  # the cls slot dropped
-    s = int(round(pos.shape[0] ** 0.5))
-    grid = pos.T.reshape(c, s, s)
-    grid = torch.einsum("hi,cij,wj->chw", cubic_matrix(s, h), grid, cubic_matrix(s, w))
-    x = (x + grid).permute(0, 2, 3, 1)  # [B, H, W, C]
-    win, heads = cfg["window_size"], cfg["num_heads"]
-    for i in range(cfg["depth"]):
-        p = f"blocks.{i}."
-        y = layer_norm(x, sd[p + "norm1.weight"], sd[p + "norm1.bias"])
-        out = torch.zeros_like(y)
-        for n in range(b):
-            if i in cfg["global_blocks"]:
-                rows = [r / h * 16 for r in range(h) for _ in range(w)]
-                cols = [q / w * 16 for _ in range(h) for q in range(w)]
-                out[n] = attend(y[n].reshape(h * w, c), sd, i, heads, rows, cols).reshape(h, w, c)
-                continue
-            hp, wp = -(-h // win) * win, -(-w // win) * win
-            padded = torch.zeros(hp, wp, c, dtype=y.dtype)
-            padded[:h, :w] = y[n]
-            rows = [r / win * 16 for r in range(win) for _ in range(win)]
-            cols = [q / win * 16 for _ in range(win) for q in range(win)]
-            res = torch.zeros_like(padded)
-            for r0 in range(0, hp, win):
-                for c0 in range(0, wp, win):
-                    tokens = padded[r0 : r0 + win, c0 : c0 + win].reshape(win * win, c)
-                    res[r0 : r0 + win, c0 : c0 + win] = attend(tokens, sd, i, heads, rows, cols).reshape(win, win, c)
-            out[n] = res[:h, :w]
-        x = x + out
-        z = layer_norm(x, sd[p + "norm2.weight"], sd[p + "norm2.bias"])
-        a = z @ sd[p + "mlp.w1.weight"].T + sd[p + "mlp.w1.bias"]
-        g = z @ sd[p + "mlp.w2.weight"].T + sd[p + "mlp.w2.bias"]
-        hidden = layer_norm(a * torch.sigmoid(a) * g, sd[p + "mlp.ffn_ln.weight"], sd[p + "mlp.ffn_ln.bias"])
-        x = x + hidden @ sd[p + "mlp.w3.weight"].T + sd[p + "mlp.w3.bias"]
-    return x.reshape(b, h * w, c)
 
 
 # -- tiny checkpoints in the released layout ---------------------------------------------------
@@ -145,7 +47,9 @@ def released_layout(backbone: dict[str, torch.Tensor], nest: str = "model") -> d
 
 def spec_for(path, cfg: dict, **extra) -> TeacherSpec:
     kwargs = {k: v for k, v in cfg.items() if k != "img_size"}
-    return TeacherSpec(name="eva", family="eva_vitdet", source=str(path), resolution=cfg["img_size"], model_kwargs=kwargs, **extra)
+    return TeacherSpec(
+        name="eva", family="eva_vitdet", source=str(path), resolution=cfg["img_size"], model_kwargs=kwargs, **extra
+    )
 
 
 @pytest.fixture(scope="module")
@@ -301,10 +205,18 @@ def test_window_attention_is_one_sdpa_call_per_block(tiny, monkeypatch):
 
 def test_the_released_teacher_describes_offline_with_the_released_shapes():
     info = describe_teacher(TeacherSpec(name="eva", family="eva_vitdet"))
-    assert (info.native_grid, info.grid, info.channels, info.tokens, info.has_cls) == ((64, 64), (64, 64), 1024, 4096, False)
+    assert (info.native_grid, info.grid, info.channels, info.tokens, info.has_cls) == (
+        (64, 64),
+        (64, 64),
+        1024,
+        4096,
+        False,
+    )
     pre = info.preprocess
     assert (pre.resolution, pre.resize, pre.crop, pre.interpolation) == (1024, "shortest_edge", "center", "bicubic")
-    assert np.allclose(pre.mean, (0.48145466, 0.4578275, 0.40821073)) and np.allclose(pre.std, (0.26862954, 0.26130258, 0.27577711))
+    assert np.allclose(pre.mean, (0.48145466, 0.4578275, 0.40821073)) and np.allclose(
+        pre.std, (0.26862954, 0.26130258, 0.27577711)
+    )
     assert describe_teacher(TeacherSpec(name="eva", family="eva_vitdet", aspect="pad")).preprocess.aspect == "pad"
 
 
