@@ -5,6 +5,8 @@
 configs initialise near zero, e.g. SAM's ``initializer_range=1e-10``, which would make every token
 equal and a token-order test vacuous), saves it, and returns the ``TeacherSpec``s that load it back
 through ``build_teacher``. Used by the tests, the ``tiny`` extraction config and the demo.
+Keys are family-like names: ``eva`` is the released teacher's architecture (family ``eva_vitdet``,
+named ``eva`` as in the presets); ``eva_timm`` is timm's EVA-02 (family ``eva``).
 
 Decisions:
 - HF models are saved with ``save_pretrained`` as the vision class the loader uses (quiet loads);
