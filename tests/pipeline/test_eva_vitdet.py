@@ -237,3 +237,40 @@ def test_the_released_architecture_has_the_released_parameters():
     }  # fmt: skip
     assert [b.window for b in model.blocks] == [0 if i in (2, 5, 8, 11, 14, 17, 20, 23) else 16 for i in range(24)]
     assert sum(v.numel() for v in sd.values()) == pytest.approx(303e6, rel=0.02)
+
+
+def test_bf16_autocast_stays_close_to_fp32(tiny):
+    cfg, _, path = tiny
+    x = pixels(2, cfg["img_size"])
+    fp32 = build_teacher(spec_for(path, cfg)).encode(x).tokens
+    bf16 = build_teacher(spec_for(path, cfg, compute_dtype="bfloat16")).encode(x).tokens
+    assert bf16.dtype == torch.float32 and 0 < (bf16 - fp32).norm() / fp32.norm() < 3e-2
+
+
+def test_the_kernel_choice(tiny, monkeypatch):
+    """Flash first on CUDA in 16 bit (then memory-efficient, then math); PyTorch's choice otherwise."""
+    import torch.nn.attention as attention
+    from torch.nn.attention import SDPBackend
+
+    from pipeline.teachers import eva_vitdet_teacher as mod
+
+    cuda = torch.device("cuda")
+    want = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    assert mod.sdpa_backends(cuda, torch.bfloat16) == want == mod.sdpa_backends(cuda, torch.float16)
+    assert (
+        mod.sdpa_backends(cuda, torch.float32) is None
+        and mod.sdpa_backends(torch.device("cpu"), torch.bfloat16) is None
+    )
+    cfg, _, path = tiny
+    teacher = build_teacher(spec_for(path, cfg))
+    seen = []
+    real = attention.sdpa_kernel
+
+    def recording(backends, set_priority=False):
+        seen.append((list(backends), set_priority))
+        return real(backends, set_priority=set_priority)
+
+    monkeypatch.setattr(mod, "sdpa_backends", lambda device, dtype: [SDPBackend.MATH])
+    monkeypatch.setattr(attention, "sdpa_kernel", recording)
+    teacher.encode(pixels(1, cfg["img_size"]))
+    assert seen == [([SDPBackend.MATH], True)]
