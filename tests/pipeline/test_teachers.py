@@ -363,7 +363,8 @@ def test_released_teachers_describe_offline_without_weights():
         "sam": ((64, 64), 256, 1024, False),
     }
     for name, (grid, channels, resolution, has_cls) in want.items():
-        info = describe_teacher(TeacherSpec(name=name, family=name, resolution=None if name != "eva" else 1024))
+        family = "eva_vitdet" if name == "eva" else name  # the released eva; family eva is timm's EVA-02
+        info = describe_teacher(TeacherSpec(name=name, family=family))
         assert (info.grid, info.channels, info.preprocess.resolution, info.has_cls) == (
             grid,
             channels,
@@ -372,7 +373,9 @@ def test_released_teachers_describe_offline_without_weights():
         )
     sam = describe_teacher(TeacherSpec(name="sam", family="sam"))
     assert sam.source == "facebook/sam-vit-large" and sam.preprocess.resize == "longest_edge"
-    resampled = describe_teacher(TeacherSpec(name="eva", family="eva", resample="area", resample_grid=(24, 24)))
+    resampled = describe_teacher(TeacherSpec(name="eva", family="eva_vitdet", resample="area", resample_grid=(24, 24)))
+    timm_eva = describe_teacher(TeacherSpec(name="eva", family="eva", resolution=1024))
+    assert (timm_eva.grid, timm_eva.channels) == ((64, 64), 1024)  # same shape, a different network
     assert resampled.native_grid == (64, 64) and resampled.grid == (24, 24)
     assert resampled.stored_bytes_per_image("int8") == 576 * 1024 + 576 * 4  # int8 values + a float32 scale per token
 
