@@ -42,7 +42,6 @@ RELEASED_URL = "https://huggingface.co/Yuxin-CV/EVA-02/blob/main/eva02/det/" + R
 BACKBONE_PREFIX = "backbone.net."
 NESTING_KEYS = ("ema_state", "module", "model")
 LAYER = "last block output [B, H, W, C] (no final norm, no CLS token), tokens row-major"
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 def eva_vitdet_config(spec: TeacherSpec) -> EvaViTDetConfig:

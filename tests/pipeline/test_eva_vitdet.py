@@ -99,10 +99,10 @@ def test_each_part_of_the_reference_matters(tiny):
     ]
     for variant in variants:
         assert (got - reference_forward(backbone, variant, x)).abs().max() > 1e-2
-    no_k = dict(backbone)
+    no_q_bias = dict(backbone)
     for i in range(cfg["depth"]):
-        no_k[f"blocks.{i}.attn.q_bias"] = torch.zeros_like(no_k[f"blocks.{i}.attn.q_bias"])
-    assert (got - reference_forward(no_k, cfg, x)).abs().max() > 1e-2
+        no_q_bias[f"blocks.{i}.attn.q_bias"] = torch.zeros_like(no_q_bias[f"blocks.{i}.attn.q_bias"])
+    assert (got - reference_forward(no_q_bias, cfg, x)).abs().max() > 1e-2
 
 
 def test_released_nesting_prefix_and_rope_buffers(tiny, tmp_path):
