@@ -106,7 +106,7 @@ def format_description(d: ExtractionDescription) -> str:
             f" (from {'x'.join(map(str, t.native_grid))})" if t.grid != t.native_grid else ""
         )
         rows.append([
-            t.name + ("*" if t.name == cfg.cls_teacher else ""), t.family, t.source, t.layer,
+            t.name + ("*" if t.name == cfg.cls_teacher else ""), t.family, t.source or "(not set)", t.layer,
             preprocess_summary(t.preprocess), grid, str(t.channels), codec,
             human_bytes(t.stored_bytes_per_image(codec)), human_bytes(2 * t.tokens * t.channels),
         ])  # fmt: skip
@@ -131,6 +131,9 @@ def format_description(d: ExtractionDescription) -> str:
         f"per image: {human_bytes(per_image)} stored before zstd (an upper bound on disk)",
         f"cache:     {d.cache_state}",
     ]
+    unset = [f"--set teachers.{i}.source=PATH ({t.name})" for i, t in enumerate(d.teachers) if not t.source]
+    if unset:  # a family without a default download (eva_vitdet): a real run needs the checkpoint file
+        lines.append("source:    not set, a real run needs the checkpoint: " + ", ".join(unset))
     if d.images is None:
         where = f"{cfg.packed}: not packed yet" if cfg.packed else "packed is not set"
         lines.append(f"dataset:   {where}, so no totals (set --packed to the `movekd pack` output)")

@@ -51,6 +51,13 @@ def test_extract_presets_hold_the_released_teacher_sets(name):
     names = [t.name for t in cfg.teachers]
     assert names[0] == "clip" and cfg.cls_teacher == "clip"
     assert names == (["clip", "sam", "eva", "convnext"] if "v1_1" in name else ["clip", "eva", "convnext"])
+    eva = cfg.teachers[names.index("eva")]  # the released EVA-02-L ViTDet, not timm's EVA-02 (family eva)
+    assert (eva.family, eva.source, eva.resolution) == ("eva_vitdet", "", 1024)
+    index = names.index("eva")
+    with_file = load_config(name, {"packed": "/p", "out": "/o", f"teachers.{index}.source": "/w/eva02.pth"})
+    assert with_file.teachers[index].source == "/w/eva02.pth"  # the override the preset's comment gives
+    comment = (ROOT / "jobs" / "configs" / f"{name.replace('finetune', 'pretrain')}.yaml").read_text()
+    assert f"--set teachers.{index}.source=" in comment
 
 
 def test_stage_recipes_are_written_once():

@@ -13,11 +13,11 @@ Decisions:
   load is strict, so a wrong or partial checkpoint fails instead of leaving random weights. Any
   other non-empty source is a Hugging Face hub id (``create_model("hf-hub:" + source)``); an empty
   source means timm's default pretrained weights for the architecture.
-- eva: the released teacher is EAGLE's EVA-02-L ViTDet backbone (1024 px, 16 px patches, 64x64
-  tokens), which timm does not ship. The nearest timm model is EVA-02-L with its MIM (Merged-38M)
-  weights, built with ``img_size=resolution`` and ``patch_size=16``: timm resamples the 14 px patch
-  embedding to 16 px on load, as the ViTDet recipe did. Windowed attention and the detection
-  fine-tune are not reproduced. CLIP mean/std, shortest edge 1024 + centre crop (docs/method.md §3).
+- eva: timm's EVA-02-L with its MIM (Merged-38M) weights, built with ``img_size=resolution`` and
+  ``patch_size=16`` (timm resamples the 14 px patch embedding to 16 px on load). NOT the released
+  teacher: that is the EVA-02-L ViTDet backbone (windowed attention, detection fine-tune), family
+  ``eva_vitdet`` (``eva_vitdet_teacher.py``), which the v1.0/v1.1 presets use; a cache made with
+  this family is not the released v1.0. CLIP mean/std, shortest edge 1024 + centre crop.
 - convnext: ``convnext_xxlarge`` stage-4 output, no norm, 32x32x3072 at 1024 px. The released code
   asks timm for ``convnext_xxlarge`` whose default tag is the in1k fine-tune of the LAION-2B soup.
 - timm generic: mean/std/interpolation from the model's pretrained config, resolution from it

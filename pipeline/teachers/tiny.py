@@ -5,6 +5,8 @@
 configs initialise near zero, e.g. SAM's ``initializer_range=1e-10``, which would make every token
 equal and a token-order test vacuous), saves it, and returns the ``TeacherSpec``s that load it back
 through ``build_teacher``. Used by the tests, the ``tiny`` extraction config and the demo.
+Keys are family-like names: ``eva`` is the released teacher's architecture (family ``eva_vitdet``,
+named ``eva`` as in the presets); ``eva_timm`` is timm's EVA-02 (family ``eva``).
 
 Decisions:
 - HF models are saved with ``save_pretrained`` as the vision class the loader uses (quiet loads);
@@ -24,7 +26,7 @@ import torch
 
 from pipeline.teachers.base import TeacherSpec
 
-TINY_FAMILIES = ("clip", "eva", "convnext", "sam", "pix2struct", "dinov2", "siglip", "hf", "timm")
+TINY_FAMILIES = ("clip", "eva", "convnext", "sam", "pix2struct", "dinov2", "siglip", "hf", "timm", "eva_timm")
 _TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
@@ -138,14 +140,31 @@ def _hf_generic(out_dir: str) -> TeacherSpec:
 
 
 def _eva(out_dir: str) -> TeacherSpec:
+    """The released ``eva`` teacher's architecture (EVA-02 ViTDet: windows, global blocks, RoPE,
+    SwiGLU), saved with the released key names (``backbone.net.`` prefix) as safetensors."""
+    from safetensors.torch import save_file
+
+    from pipeline.teachers.eva_vitdet import EvaViTDet, EvaViTDetConfig
+
+    kwargs = dict(
+        patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=4, global_blocks=[1], pretrain_img_size=32
+    )
+    model = _perturb(EvaViTDet(EvaViTDetConfig(img_size=64, **kwargs)))
+    path = os.path.join(out_dir, "eva_vitdet.safetensors")
+    save_file({"backbone.net." + k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return TeacherSpec(name="eva", family="eva_vitdet", source=path, resolution=64, model_kwargs=kwargs)
+
+
+def _eva_timm(out_dir: str) -> TeacherSpec:
+    """timm's EVA-02 (family ``eva``): not the released teacher, kept under its own name."""
     import timm
 
     kwargs = dict(embed_dim=32, depth=2, num_heads=2, patch_size=8)
     model = timm.create_model("eva02_large_patch14_224", pretrained=False, img_size=64, **kwargs)
     return TeacherSpec(
-        name="eva",
+        name="eva_timm",
         family="eva",
-        source=_save_timm(model, out_dir, "eva"),
+        source=_save_timm(model, out_dir, "eva_timm"),
         arch="eva02_large_patch14_224",
         resolution=64,
         model_kwargs=kwargs,
@@ -190,4 +209,5 @@ _MAKERS: dict[str, Callable[[str], TeacherSpec]] = {
     "siglip": _siglip,
     "hf": _hf_generic,
     "timm": _timm_generic,
+    "eva_timm": _eva_timm,
 }

@@ -266,4 +266,6 @@ def test_cli_dry_run_of_a_released_preset_needs_no_download():
     rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.split() and line.split()[0] in
             ("clip*", "eva", "convnext")}  # fmt: skip
     assert "24x24  1024" in rows["clip*"] and "64x64  1024" in rows["eva"] and "32x32  3072" in rows["convnext"]
+    assert "eva_vitdet  (not set)" in rows["eva"]  # the released EVA-02 ViTDet, whose checkpoint is not set yet
+    assert "a real run needs the checkpoint: --set teachers.1.source=PATH (eva)" in out.stdout
     assert "packed is not set" in out.stdout

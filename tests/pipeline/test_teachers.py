@@ -30,6 +30,7 @@ from pipeline.teachers import (
 )
 from pipeline.teachers.base import weights_fingerprint
 from pipeline.teachers.hf import pix2struct_patches
+from tests.pipeline.eva_vitdet_reference import reference_forward
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -83,7 +84,10 @@ def expected_tokens(family: str, spec: TeacherSpec, x: torch.Tensor) -> torch.Te
         return feats.flatten(2).transpose(1, 2)
     if family == "pix2struct":
         return pix2struct_reference(spec, x)
-    if family == "eva":
+    if family == "eva":  # the released EVA-02 ViTDet (family eva_vitdet), from its checkpoint tensors alone
+        state = {k.removeprefix("backbone.net."): v for k, v in load_file(spec.source).items()}
+        return reference_forward(state, {**spec.model_kwargs, "img_size": spec.resolution}, x).float()
+    if family == "eva_timm":
         model = timm_model(spec, "eva02_large_patch14_224", img_size=spec.resolution)
         return output_of(model.blocks[-1], lambda: model.forward_features(x))[:, model.num_prefix_tokens :]
     if family == "timm":
@@ -110,7 +114,8 @@ def pix2struct_reference(spec: TeacherSpec, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_registry_has_every_family():
-    assert {"clip", "eva", "convnext", "sam", "pix2struct", "dinov2", "siglip", "hf:", "timm:"} <= set(list_teachers())
+    families = {"clip", "eva_vitdet", "eva", "convnext", "sam", "pix2struct", "dinov2", "siglip", "hf:", "timm:"}
+    assert families <= set(list_teachers())
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -314,11 +319,13 @@ def test_spec_round_trip_and_validation(tiny):
 def test_build_errors_are_value_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="unknown family 'vgg'"):
         build_teacher(TeacherSpec(name="x", family="vgg"))
-    wrong = TeacherSpec(**{**tiny["eva"].to_dict(), "source": tiny["convnext"].source})
+    wrong = TeacherSpec(**{**tiny["eva_timm"].to_dict(), "source": tiny["convnext"].source})
     with pytest.raises(ValueError, match="cannot load timm"):
         build_teacher(wrong)
     with pytest.raises(ValueError, match="does not exist"):
-        build_teacher(TeacherSpec(**{**tiny["eva"].to_dict(), "source": str(tmp_path / "nope.safetensors")}))
+        build_teacher(TeacherSpec(**{**tiny["eva_timm"].to_dict(), "source": str(tmp_path / "nope.safetensors")}))
+    with pytest.raises(ValueError, match="not an EVA-02 ViTDet backbone"):  # a timm EVA-02 is not the released one
+        build_teacher(TeacherSpec(**{**tiny["eva"].to_dict(), "source": tiny["eva_timm"].source}))
     with pytest.raises(ValueError, match="not a complete"):  # a DINOv2 checkpoint is not a CLIP one
         build_teacher(TeacherSpec(name="clip", family="clip", source=tiny["dinov2"].source))
     teacher = build_teacher(tiny["dinov2"])
@@ -356,7 +363,8 @@ def test_released_teachers_describe_offline_without_weights():
         "sam": ((64, 64), 256, 1024, False),
     }
     for name, (grid, channels, resolution, has_cls) in want.items():
-        info = describe_teacher(TeacherSpec(name=name, family=name, resolution=None if name != "eva" else 1024))
+        family = "eva_vitdet" if name == "eva" else name  # the released eva; family eva is timm's EVA-02
+        info = describe_teacher(TeacherSpec(name=name, family=family))
         assert (info.grid, info.channels, info.preprocess.resolution, info.has_cls) == (
             grid,
             channels,
@@ -365,7 +373,9 @@ def test_released_teachers_describe_offline_without_weights():
         )
     sam = describe_teacher(TeacherSpec(name="sam", family="sam"))
     assert sam.source == "facebook/sam-vit-large" and sam.preprocess.resize == "longest_edge"
-    resampled = describe_teacher(TeacherSpec(name="eva", family="eva", resample="area", resample_grid=(24, 24)))
+    resampled = describe_teacher(TeacherSpec(name="eva", family="eva_vitdet", resample="area", resample_grid=(24, 24)))
+    timm_eva = describe_teacher(TeacherSpec(name="eva", family="eva", resolution=1024))
+    assert (timm_eva.grid, timm_eva.channels) == ((64, 64), 1024)  # same shape, a different network
     assert resampled.native_grid == (64, 64) and resampled.grid == (24, 24)
     assert resampled.stored_bytes_per_image("int8") == 576 * 1024 + 576 * 4  # int8 values + a float32 scale per token
 
