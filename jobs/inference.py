@@ -71,10 +71,10 @@ def add_parser(subparsers) -> None:
 
 def load_for_inference(model_dir: str, template: str | None):
     """-> (model, tokenizer, PreprocessSpec, template) from an export; ValueError says what is wrong."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from cache.manifest import PreprocessSpec
-    from student.conversation import get_template
+    from student.conversation import get_template, load_tokenizer
     from student.export import load_pretrained, read_metadata
 
     path = Path(model_dir)
@@ -89,7 +89,7 @@ def load_for_inference(model_dir: str, template: str | None):
         spec = PreprocessSpec(resolution=int(AutoConfig.from_pretrained(path / "vision").image_size), aspect="pad")
     if not (path / "tokenizer").is_dir():
         raise ValueError(f"{path}: no tokenizer/ in the export (export it with a tokenizer)")
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    tokenizer = load_tokenizer(path / "tokenizer")  # pad = unk when it has none, as LLaVA
     return load_pretrained(path), tokenizer, spec, name
 
 

@@ -113,7 +113,6 @@ def student_preprocess(cfg):
 def build_training(cfg, dist_info: Dist, online: str | None = None):
     """Everything the Trainer needs, built from the config (also used by tests and benchmarks)."""
     import torch
-    from transformers import AutoTokenizer
 
     if online:
         from jobs.online_teachers import online_config
@@ -122,6 +121,7 @@ def build_training(cfg, dist_info: Dist, online: str | None = None):
 
     from cache import open_cache
     from jobs.image_source import PackedImageSource, check_pack_matches_cache, records_from_packed
+    from student.conversation import load_tokenizer
     from student.data import DistillDataset, collate_distill
     from student.model import build_student
     from student.sampler import DistributedLengthGroupedSampler
@@ -130,7 +130,7 @@ def build_training(cfg, dist_info: Dist, online: str | None = None):
     cache = open_cache(cfg.cache)
     check_pack_matches_cache(cfg.image_root, cache)
     records = records_from_packed(cfg.image_root, cfg.data_json)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)  # pad = unk when it has none, as LLaVA
     images = PackedImageSource(cfg.image_root)
     dataset = DistillDataset(
         records,

@@ -32,6 +32,9 @@ Decisions:
   LLaVA keeps it: it renders with no sentinel, so the LLM sees no image tokens, while its image
   still gets KD and the balance loss (``has_placeholder`` tells the data layer which rows these
   are). A leading gpt turn is dropped, as LLaVA does.
+- Pad token: a tokenizer without one gets ``pad = unk`` (``load_tokenizer``/``ensure_pad_token``),
+  as LLaVA sets it (``train.py:966-968``; Llama/vicuna ship no pad token). Padded positions are
+  masked and unsupervised, so the id only has to exist.
 - ``max_length`` counts the sequence the LLM will see, i.e. the sentinel as ``num_image_tokens``
   positions (LLaVA truncates after splicing, to ``model_max_length``). Longer rows are truncated at
   the tail; if that would cut into the image features, or leave nothing supervised, the row is
@@ -157,6 +160,25 @@ def render(
 def has_placeholder(conversations: Sequence[Mapping]) -> bool:
     """Whether any turn holds ``<image>`` (a ``vicuna_v1`` image row may lack it; see above)."""
     return any(isinstance(t, Mapping) and IMAGE_PLACEHOLDER in str(t.get("value", "")) for t in conversations)
+
+
+def ensure_pad_token(tokenizer):
+    """Give ``tokenizer`` LLaVA's ``pad_token = unk_token`` when it has no pad token; returns it."""
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is None:
+            raise ValueError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an unk token: "
+                "set a pad token in its tokenizer_config.json (LLaVA pads with unk)"
+            )
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def load_tokenizer(path, **kwargs):
+    """``AutoTokenizer.from_pretrained(path)`` with ``ensure_pad_token`` (training and inference)."""
+    from transformers import AutoTokenizer
+
+    return ensure_pad_token(AutoTokenizer.from_pretrained(path, **kwargs))
 
 
 def _bos_prefix(tokenizer) -> list[int]:
