@@ -144,6 +144,14 @@ def build_training(cfg, dist_info: Dist, online: str | None = None):
     )
     for reason, info in {**records.skipped, **dataset.skipped}.items():
         log.warning("skipped %d rows: %s (e.g. %s)", info["count"], reason, ", ".join(info["examples"][:3]))
+    kept = dataset.counts
+    log.info(
+        "data: %d rows (%d with an image, %d text-only); %d image rows without <image> kept as LLaVA keeps them",
+        kept["rows"],
+        kept["rows_with_image"],
+        kept["rows_text_only"],
+        kept["image_without_placeholder"]["count"],
+    )
     sampler = DistributedLengthGroupedSampler.from_dataset(
         dataset,
         cfg.batch_size,
