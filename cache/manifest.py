@@ -183,9 +183,7 @@ class CacheManifest:
         _require(self.num_shards > 0, f"num_shards must be > 0, got {self.num_shards}")
         _require(self.shard_size > 0, f"shard_size must be > 0, got {self.shard_size}")
         _choice(self.null_input, NULL_INPUTS, "null_input")
-        _require(
-            self.format_version in READABLE_VERSIONS, f"format_version must be one of {READABLE_VERSIONS}"
-        )
+        _require(self.format_version in READABLE_VERSIONS, f"format_version must be one of {READABLE_VERSIONS}")
         _require(
             self.format_version >= 2 or self.null_input == "zeros",
             "a format 1 manifest always describes a zeros no-image row",

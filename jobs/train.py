@@ -99,7 +99,8 @@ def init_distributed() -> Dist:
 
 
 def student_preprocess(cfg):
-    """What the student's CLIP sees: LLaVA's CLIP processor at the tower's size and the stage's aspect."""
+    """What the student's CLIP sees: LLaVA's CLIP processor at the tower's size, the stage's aspect
+    and the alpha mode (``image_alpha``; it must match the cache's, which ``DistillDataset`` checks)."""
     from transformers import AutoConfig
 
     from cache.manifest import PreprocessSpec
@@ -107,7 +108,7 @@ def student_preprocess(cfg):
     path = os.path.join(cfg.init_from, "vision") if cfg.init_from else cfg.vision_tower
     vcfg = AutoConfig.from_pretrained(path)
     vcfg = getattr(vcfg, "vision_config", vcfg)
-    return PreprocessSpec(resolution=int(vcfg.image_size), aspect=cfg.image_aspect_ratio)
+    return PreprocessSpec(resolution=int(vcfg.image_size), aspect=cfg.image_aspect_ratio, alpha=cfg.image_alpha)
 
 
 def build_training(cfg, dist_info: Dist, online: str | None = None):

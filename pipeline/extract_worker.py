@@ -157,7 +157,9 @@ class ShardExtractor:
             return key, out, None, time.perf_counter() - t
         except Exception as e:  # noqa: BLE001 - any undecodable image is recorded, never fatal
             # a placeholder only: the row is marked failed and stored as zeros
-            zeros = {sid: np.zeros((3, spec.resolution, spec.resolution), np.float32) for spec, sid in self.pre_specs.items()}
+            zeros = {
+                sid: np.zeros((3, spec.resolution, spec.resolution), np.float32) for spec, sid in self.pre_specs.items()
+            }
             return key, zeros, f"cannot decode image: {type(e).__name__}: {e}", time.perf_counter() - t
 
 

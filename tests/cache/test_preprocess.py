@@ -226,7 +226,7 @@ def test_null_image_is_the_released_black_input(aspect):
 def test_null_image_for_sam_is_black_everywhere_no_zero_pad():
     spec = sam_spec(1024)
     null = null_image_tensor(spec)
-    want = (-np.asarray(IMAGENET_DEFAULT_MEAN, np.float32) / np.asarray(IMAGENET_DEFAULT_STD, np.float32))
+    want = -np.asarray(IMAGENET_DEFAULT_MEAN, np.float32) / np.asarray(IMAGENET_DEFAULT_STD, np.float32)
     assert np.abs(null - want[:, None, None]).max() <= EXACT  # also the bottom/right corner
     np.testing.assert_allclose(want, [-2.1179, -2.0357, -1.8044], atol=1e-4)
     proc = SamImageProcessorPil()

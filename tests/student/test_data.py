@@ -162,7 +162,9 @@ def test_image_rows_without_placeholder_are_kept_and_counted(built, images, tok)
     and the balance loss apply) but has no sentinel and ``has_image`` (splice) False."""
     manifest = built[1]
     key = synth.shard_keys(manifest, 0)[0]
-    recs = make_records(manifest) + [ConversationRecord("np", "toy.json", 99, chat("What is it?", "A cat.", False), key)]
+    recs = make_records(manifest) + [
+        ConversationRecord("np", "toy.json", 99, chat("What is it?", "A cat.", False), key)
+    ]
     ds = build(built, images, tok, recs)
     assert ds.counts["image_without_placeholder"]["count"] == 1
     assert "id np" in ds.counts["image_without_placeholder"]["examples"][0]

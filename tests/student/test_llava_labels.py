@@ -225,7 +225,9 @@ def test_a_tokenizer_without_pad_gets_unk_and_the_first_batch_collates(tok, spm_
     loaded = load_tokenizer(path)
     assert loaded.pad_token == loaded.unk_token == "<unk>" and loaded.pad_token_id == 0
     rows = [chat(("<image>\nhow many", "4")), chat(("what", "a man and a dog"), ("more", "no"))]
-    samples = [tokenize_conversation(c, loaded, "vicuna_v1", has_image=i == 0, num_image_tokens=16) for i, c in enumerate(rows)]
+    samples = [
+        tokenize_conversation(c, loaded, "vicuna_v1", has_image=i == 0, num_image_tokens=16) for i, c in enumerate(rows)
+    ]
     batch = collate(samples, loaded.pad_token_id)
     short = len(samples[0]["input_ids"])
     assert (batch["input_ids"][0, short:] == 0).all() and (batch["labels"][0, short:] == IGNORE_INDEX).all()
