@@ -7,6 +7,10 @@ Decisions:
   ``package_version`` are recorded but are not identity (a resumed job may run a patch release).
 - Validation happens here, at the edge: ``from_dict`` rejects unknown format versions and
   malformed fields with a message that says what to do, never a KeyError from deep inside.
+- Format 2 added ``null_input`` (what the no-image row holds: ``black``, the released input) and
+  ``preprocess.alpha`` (``drop``, as PIL's ``convert('RGB')``, or ``white``). Format 1 caches stay
+  readable (inspect, verify, show): they are read as ``null_input="zeros"`` and
+  ``alpha="white"``, which is what that code wrote; the trainer refuses ``zeros`` (student/data.py).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 from cache.strict import from_mapping
 
 FORMAT_NAME = "movekd-feature-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: the no-image row holds zeros, alpha composited on white
 ATTRS_KEY = "movekd"
 
 RESIZE_MODES = ("shortest_edge", "longest_edge", "none")
@@ -29,6 +34,12 @@ PAD_MODES = ("none", "bottom_right")
 ASPECT_MODES = ("square", "pad")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "area")
 RESAMPLE_MODES = ("none", "area", "bilinear")
+ALPHA_MODES = ("drop", "white")
+# What the reserved no-image row holds: ``black`` = a black image through each teacher's own
+# preprocessing (the released input, -mean/std after normalisation); ``zeros`` = all-zero
+# normalised pixels (format 1 caches; refused for training).
+NULL_INPUTS = ("black", "zeros")
+NULL_INPUT = "black"
 
 
 class ManifestError(ValueError):
@@ -58,6 +69,8 @@ class PreprocessSpec:
 
     ``aspect`` is LLaVA's ``image_aspect_ratio``: ``square`` feeds the image as is (the processor
     then resizes/crops); ``pad`` first expands it to a square filled with the mean colour.
+    ``alpha``: ``drop`` discards transparency as PIL's ``convert('RGB')`` does (the released
+    loader); ``white`` composites onto white (Hugging Face's processors).
     """
 
     resolution: int
@@ -68,6 +81,7 @@ class PreprocessSpec:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    alpha: str = "drop"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -78,6 +92,7 @@ class PreprocessSpec:
         _choice(self.pad, PAD_MODES, "preprocess.pad")
         _choice(self.aspect, ASPECT_MODES, "preprocess.aspect")
         _choice(self.interpolation, INTERPOLATIONS, "preprocess.interpolation")
+        _choice(self.alpha, ALPHA_MODES, "preprocess.alpha")
         _require(len(self.mean) == 3 and len(self.std) == 3, "preprocess.mean/std need 3 values")
         _require(all(s > 0 for s in self.std), "preprocess.std values must be > 0")
 
@@ -146,7 +161,7 @@ class TeacherEntry:
 @dataclass(frozen=True)
 class CacheManifest:
     """What produced a cache. ``num_shards`` data shards of ``shard_size`` rows, plus one reserved
-    row (the "no image" input) at row ``num_shards * shard_size``."""
+    row (the "no image" input, described by ``null_input``) at row ``num_shards * shard_size``."""
 
     teachers: tuple[TeacherEntry, ...]
     num_shards: int
@@ -157,6 +172,7 @@ class CacheManifest:
     package_version: str = ""
     created: str = ""
     format_version: int = FORMAT_VERSION
+    null_input: str = NULL_INPUT
     notes: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -166,6 +182,12 @@ class CacheManifest:
         _require(len(set(names)) == len(names), f"teacher names must be unique, got {names}")
         _require(self.num_shards > 0, f"num_shards must be > 0, got {self.num_shards}")
         _require(self.shard_size > 0, f"shard_size must be > 0, got {self.shard_size}")
+        _choice(self.null_input, NULL_INPUTS, "null_input")
+        _require(self.format_version in READABLE_VERSIONS, f"format_version must be one of {READABLE_VERSIONS}")
+        _require(
+            self.format_version >= 2 or self.null_input == "zeros",
+            "a format 1 manifest always describes a zeros no-image row",
+        )
         if self.cls_teacher is not None:
             _require(self.cls_teacher in names, f"cls_teacher {self.cls_teacher!r} is not a teacher ({names})")
         if not self.created:
@@ -205,6 +227,7 @@ class CacheManifest:
         return {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
+            "null_input": self.null_input,
             "teachers": [t.to_dict() for t in self.teachers],
             "num_shards": self.num_shards,
             "shard_size": self.shard_size,
@@ -223,10 +246,10 @@ class CacheManifest:
         if d.get("format") != FORMAT_NAME:
             raise ManifestError(f"not a movekd cache manifest (format={d.get('format')!r}, expected {FORMAT_NAME!r})")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise ManifestError(
                 f"cache format version {version!r} is not supported by this movekd "
-                f"(supports {FORMAT_VERSION}); "
+                f"(supports {', '.join(map(str, READABLE_VERSIONS))}); "
                 + (
                     "upgrade movekd to read it"
                     if isinstance(version, int) and version > FORMAT_VERSION
@@ -235,7 +258,15 @@ class CacheManifest:
             )
         d = {k: v for k, v in d.items() if k != "format"}
         _require(isinstance(d.get("teachers"), list), "manifest 'teachers' must be a list")
+        if version == 1:
+            d = _from_format_1(d)
         return from_mapping(cls, d, "manifest", ManifestError)
+
+    def with_black_null_input(self) -> CacheManifest:
+        """This manifest at the current format with ``null_input="black"`` (every other field,
+        the teachers' ``alpha`` included, kept): what a cache becomes once its no-image row has
+        been rewritten (``pipeline.extract_null``)."""
+        return dataclasses.replace(self, format_version=FORMAT_VERSION, null_input="black")
 
     # -- identity ------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -251,6 +282,12 @@ class CacheManifest:
         if diffs:
             lines = [f"  {path}: existing={a!r} requested={b!r}" for path, a, b in diffs[:12]]
             more = f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else ""
+            if any(p in ("format_version", "null_input") for p, _, _ in diffs):
+                more += (
+                    "\nIf only format_version, null_input and preprocess.alpha differ, the cache was written "
+                    "by an older movekd: rewrite just its no-image row with `movekd extract --config CONFIG "
+                    "--rewrite-null-row` (cache/FORMAT.md section 2)."
+                )
             raise ManifestMismatchError(
                 f"the existing {what} was written with a different configuration; "
                 f"{len(diffs)} field(s) differ:\n"
@@ -259,6 +296,20 @@ class CacheManifest:
                 + "\nWrite to a new cache path, or restore the configuration that produced this one.",
                 [p for p, _, _ in diffs],
             )
+
+
+def _from_format_1(d: dict[str, Any]) -> dict[str, Any]:
+    """A format 1 manifest as format 2 fields: the code that wrote it stored all-zero normalised
+    pixels in the no-image row and composited alpha onto white."""
+    _require("null_input" not in d, "a format 1 manifest has no 'null_input' field")
+    teachers = []
+    for t in d["teachers"]:
+        pre = t.get("preprocess") if isinstance(t, Mapping) else None
+        if isinstance(pre, Mapping):
+            _require("alpha" not in pre, "a format 1 manifest has no 'preprocess.alpha' field")
+            t = {**t, "preprocess": {**pre, "alpha": "white"}}
+        teachers.append(t)
+    return {**d, "teachers": teachers, "null_input": "zeros"}
 
 
 def diff_dicts(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:

@@ -14,20 +14,24 @@ Decisions:
   torchvision instead of PIL, which differs by a few grey levels; the tests bound that separately.
 - ``aspect="pad"`` is LLaVA's ``expand2square``: paste the image centred on a square filled with
   ``tuple(int(x * 255) for x in mean)``, before anything else.
-- RGB conversion, done first: alpha (RGBA, LA, PA, palette images with transparency) is composited
-  onto white, as Hugging Face's processors do. LLaVA's loader calls ``.convert("RGB")``, which
-  drops alpha instead: transparent pixels then show whatever colour they hide, often black. Only
-  images with alpha are affected, and they are rare in LLaVA's data. 16-bit greyscale (``I;16*``,
-  and ``I`` images with values above 255) is scaled by 1/257 to 8 bits; PIL's own conversion
-  would clip it to white. CMYK uses PIL's conversion, the same as LLaVA. EXIF orientation is not
-  applied, matching LLaVA and HF.
-- The "no image" input (text-only rows) is all zeros after normalisation (``null_image_tensor``),
-  as in the released code.
+- RGB conversion, done first. Alpha (RGBA, LA, PA, palette images with transparency) follows
+  ``spec.alpha``: ``drop`` (default) is PIL's ``convert("RGB")``, what the released loader does
+  (transparent pixels show whatever colour they hide, often black); ``white`` composites onto
+  white, as Hugging Face's processors do. Only images with alpha are affected, and they are rare
+  in LLaVA's data. 16-bit greyscale (``I;16*``, and ``I`` images with values above 255) is scaled
+  by 1/257 to 8 bits; PIL's own conversion would clip it to white. CMYK uses PIL's conversion,
+  the same as LLaVA. EXIF orientation is not applied, matching LLaVA and HF.
+- The "no image" input (text-only rows, ``null_image_tensor``) is what the released code really
+  feeds every encoder: its ``torch.zeros(3, 336, 336)`` goes through each processor again, which
+  makes it a black 336 px square through that encoder's own preprocessing, i.e. ``-mean/std``
+  per channel after normalisation (for SAM too: the square is resized to 1024, nothing is
+  padded). Not zeros after normalisation (the mean-colour grey of format 1 caches).
 - numpy and PIL only: cache/ does not import torch.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -43,6 +47,7 @@ _PIL_FILTERS = {
     "area": Image.Resampling.BOX,
 }
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+NULL_IMAGE_SIDE = 336  # the released null tensor is the student processor's crop size (CLIP-L/336)
 
 
 def preprocess_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
@@ -51,7 +56,7 @@ def preprocess_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         raise ValueError(f"preprocess_image needs a PIL.Image.Image, got {type(image).__name__}")
     if not isinstance(spec, PreprocessSpec):
         raise ValueError(f"preprocess_image needs a PreprocessSpec, got {type(spec).__name__}")
-    rgb = to_rgb(image)
+    rgb = to_rgb(image, spec.alpha)
     if spec.aspect == "pad":
         rgb = expand2square(rgb, mean_fill_colour(spec.mean))
     rgb = _resize(rgb, spec)
@@ -82,8 +87,17 @@ def preprocess_batch(images: Iterable[Image.Image], spec: PreprocessSpec) -> np.
 
 
 def null_image_tensor(spec: PreprocessSpec) -> np.ndarray:
-    """The "no image" input: all zeros after normalisation, float32 ``[3, R, R]``."""
-    return np.zeros((3, spec.resolution, spec.resolution), dtype=np.float32)
+    """The "no image" input: a black ``NULL_IMAGE_SIDE`` square through ``spec`` (module
+    docstring), float32 ``[3, R, R]``; ``-mean/std`` per channel for every spec in use."""
+    return _null_image(spec).copy()
+
+
+@functools.lru_cache(maxsize=32)
+def _null_image(spec: PreprocessSpec) -> np.ndarray:
+    black = Image.new("RGB", (NULL_IMAGE_SIDE, NULL_IMAGE_SIDE), (0, 0, 0))
+    out = preprocess_image(black, spec)
+    out.setflags(write=False)
+    return out
 
 
 def mean_fill_colour(mean: Iterable[float]) -> tuple[int, ...]:
@@ -102,15 +116,18 @@ def expand2square(image: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     return canvas
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (alpha onto white, 16-bit scaled; see module docstring)."""
+def to_rgb(image: Image.Image, alpha: str = "drop") -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha dropped as ``convert("RGB")`` does, or with
+    ``alpha="white"`` composited onto white; 16-bit scaled; see module docstring)."""
+    if alpha not in ("drop", "white"):
+        raise ValueError(f"alpha must be 'drop' or 'white', got {alpha!r}")
     mode = image.mode
     if mode == "RGB":
         return image
     if mode in _SIXTEEN_BIT_MODES or mode == "I":
         return _sixteen_bit_to_rgb(image)
     try:
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
+        if alpha == "white" and ("A" in image.getbands() or image.info.get("transparency") is not None):
             rgba = image.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, rgba).convert("RGB")

@@ -28,6 +28,7 @@ def inspect_cache(cache: FeatureCache) -> dict:
         "manifest": {
             "format": FORMAT_NAME,
             "format_version": m.format_version,
+            "null_input": m.null_input,
             "dataset_name": m.dataset_name,
             "dataset_fingerprint": m.dataset_fingerprint,
             "created": m.created,
@@ -88,7 +89,9 @@ def _size_under(loc: Location, rel: str) -> int:
 
 def format_inspect(info: dict) -> str:
     man, img, sh = info["manifest"], info["images"], info["shards"]
-    null = "committed" if sh["null_row_committed"] else "NOT committed"
+    null = ("committed" if sh["null_row_committed"] else "NOT committed") + f" ({man['null_input']} input)"
+    if man["null_input"] != "black":
+        null += ", not the released black input: `movekd extract --rewrite-null-row` (cache/FORMAT.md section 2)"
     lines = [
         f"cache     {info['location']}",
         f"format    {man['format']} v{man['format_version']} (movekd {man['package_version']}, "

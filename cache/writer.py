@@ -17,6 +17,7 @@ are store-independent and ``verify`` catches both undecodable and silently chang
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -67,6 +68,28 @@ class CacheWriter:
         existing, group = load_manifest(loc, mode="r+")
         existing.check_same(manifest, what=f"cache at {loc.url}")
         return cls(loc, group, existing)
+
+    @classmethod
+    def open_for_null_row(cls, location: str | os.PathLike, requested: CacheManifest) -> CacheWriter:
+        """Open a cache whose no-image row is to be rewritten with ``requested``'s input
+        (``pipeline.extract_null``): the stored manifest must equal ``requested`` except for
+        ``format_version``, ``null_input`` and the teachers' ``preprocess.alpha`` (the black
+        image has no alpha, and the data rows keep the alpha mode they were written with).
+
+        Uncommits the no-image row, then replaces the manifest atomically by the stored one at
+        the current format with ``null_input = requested.null_input``. A crash after this leaves
+        a cache whose manifest is right and whose no-image row is missing, which `movekd extract`
+        (or a rerun) writes; a committed row never disagrees with the manifest."""
+        loc = Location(location)
+        existing, _ = load_manifest(loc, mode="r+")
+        upgraded = dataclasses.replace(existing.with_black_null_input(), null_input=requested.null_input)
+        ignore = {"teachers": {t.name: t.preprocess.alpha for t in existing.teachers}}
+        upgraded.check_same(_with_alpha(requested, ignore), what=f"cache at {loc.url}")
+        loc.delete(marker_name(existing.num_shards))
+        meta = json.loads(loc.read_bytes("zarr.json"))
+        meta["attributes"][ATTRS_KEY] = upgraded.to_dict()
+        loc.write_atomic("zarr.json", json.dumps(meta, indent=2).encode())
+        return cls(loc, zarr.open_group(loc.zarr_path, mode="r+"), upgraded)
 
     # -- state -----------------------------------------------------------------------------
     def committed_shards(self) -> set[int]:
@@ -173,7 +196,8 @@ class CacheWriter:
         return arrays
 
     def write_null(self, features: Mapping[str, np.ndarray], cls_state=None, cls_attn=None) -> ShardCommit:
-        """Write the reserved "no image" row (teachers' outputs for the all-zero input)."""
+        """Write the reserved "no image" row (the teachers' outputs for the input the manifest's
+        ``null_input`` names)."""
         return self.write_shard(self.manifest.num_shards, [NULL_KEY], features, cls_state, cls_attn)
 
     def _write_rows(self, path: str, start: int, stop: int, arr: np.ndarray) -> str:
@@ -247,3 +271,14 @@ class CacheWriter:
                     raise ValueError(f"{what} produced NaN/Inf for image(s) {bad[:10]}") from None
                 for k in bad:
                     failed[k] = f"{what} produced NaN/Inf"
+
+
+def _with_alpha(manifest: CacheManifest, alphas: Mapping) -> CacheManifest:
+    """``manifest`` with each teacher's ``preprocess.alpha`` taken from ``alphas["teachers"]``."""
+    teachers = tuple(
+        dataclasses.replace(
+            t, preprocess=dataclasses.replace(t.preprocess, alpha=alphas["teachers"].get(t.name, t.preprocess.alpha))
+        )
+        for t in manifest.teachers
+    )
+    return dataclasses.replace(manifest, teachers=teachers)

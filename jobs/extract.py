@@ -49,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="disable progress bars (logs stay)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument(
+        "--rewrite-null-row",
+        action="store_true",
+        help="recompute only the cache's no-image row (the released black input) and upgrade its manifest: "
+        "the fix for a cache written by an older movekd with the all-zero input (cache/FORMAT.md section 2)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="print the plan without loading any model: each teacher's source, preprocessing, token grid, "
@@ -122,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             return user_error("movekd extract", e)
         return 0
+    if args.rewrite_null_row:
+        return _rewrite_null_row(cfg)
     from pipeline.extract import run_extraction, summarize
 
     try:
@@ -132,6 +140,21 @@ def run(args: argparse.Namespace) -> int:
         return user_error("movekd extract", e)
     print(summarize(report))
     return 0 if report.ok else 1
+
+
+def _rewrite_null_row(cfg) -> int:
+    from cache.manifest import ManifestMismatchError
+    from jobs.cli import user_error
+    from pipeline.extract_null import rewrite_null_row
+
+    try:
+        summary = rewrite_null_row(cfg)
+    except ManifestMismatchError as e:
+        return user_error("movekd extract --rewrite-null-row", f"this config did not produce the cache: {e}")
+    except ValueError as e:
+        return user_error("movekd extract --rewrite-null-row", e)
+    print(f"rewrote the no-image row of {cfg.out} in {summary['seconds']:.1f} s (manifest null_input=black)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

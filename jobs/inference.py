@@ -73,10 +73,10 @@ def load_for_inference(model_dir: str, template: str | None, torch_dtype=None):
     """-> (model, tokenizer, PreprocessSpec, template) from an export; ValueError says what is wrong.
 
     ``torch_dtype``: the dtype to load the weights in (default: as exported, float32)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from cache.manifest import PreprocessSpec
-    from student.conversation import get_template
+    from student.conversation import get_template, load_tokenizer
     from student.export import load_pretrained, read_metadata
 
     path = Path(model_dir)
@@ -91,7 +91,7 @@ def load_for_inference(model_dir: str, template: str | None, torch_dtype=None):
         spec = PreprocessSpec(resolution=int(AutoConfig.from_pretrained(path / "vision").image_size), aspect="pad")
     if not (path / "tokenizer").is_dir():
         raise ValueError(f"{path}: no tokenizer/ in the export (export it with a tokenizer)")
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    tokenizer = load_tokenizer(path / "tokenizer")  # pad = unk when it has none, as LLaVA
     return load_pretrained(path, torch_dtype), tokenizer, spec, name
 
 

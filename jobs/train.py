@@ -134,7 +134,8 @@ def shutdown_distributed(barrier: bool = True) -> None:
 
 
 def student_preprocess(cfg):
-    """What the student's CLIP sees: LLaVA's CLIP processor at the tower's size and the stage's aspect."""
+    """What the student's CLIP sees: LLaVA's CLIP processor at the tower's size, the stage's aspect
+    and the alpha mode (``image_alpha``; it must match the cache's, which ``DistillDataset`` checks)."""
     from transformers import AutoConfig
 
     from cache.manifest import PreprocessSpec
@@ -142,13 +143,12 @@ def student_preprocess(cfg):
     path = os.path.join(cfg.init_from, "vision") if cfg.init_from else cfg.vision_tower
     vcfg = AutoConfig.from_pretrained(path)
     vcfg = getattr(vcfg, "vision_config", vcfg)
-    return PreprocessSpec(resolution=int(vcfg.image_size), aspect=cfg.image_aspect_ratio)
+    return PreprocessSpec(resolution=int(vcfg.image_size), aspect=cfg.image_aspect_ratio, alpha=cfg.image_alpha)
 
 
 def build_training(cfg, dist_info: Dist, online: str | None = None):
     """Everything the Trainer needs, built from the config (also used by tests and benchmarks)."""
     import torch
-    from transformers import AutoTokenizer
 
     if online:
         from jobs.online_teachers import online_config
@@ -157,6 +157,7 @@ def build_training(cfg, dist_info: Dist, online: str | None = None):
 
     from cache import open_cache
     from jobs.image_source import PackedImageSource, check_pack_matches_cache, records_from_packed
+    from student.conversation import load_tokenizer
     from student.data import DistillDataset, collate_distill
     from student.model import build_student
     from student.sampler import DistributedLengthGroupedSampler
@@ -165,7 +166,7 @@ def build_training(cfg, dist_info: Dist, online: str | None = None):
     cache = open_cache(cfg.cache)
     check_pack_matches_cache(cfg.image_root, cache)
     records = records_from_packed(cfg.image_root, cfg.data_json)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)  # pad = unk when it has none, as LLaVA
     images = PackedImageSource(cfg.image_root)
     dataset = DistillDataset(
         records,
@@ -179,6 +180,14 @@ def build_training(cfg, dist_info: Dist, online: str | None = None):
     )
     for reason, info in {**records.skipped, **dataset.skipped}.items():
         log.warning("skipped %d rows: %s (e.g. %s)", info["count"], reason, ", ".join(info["examples"][:3]))
+    kept = dataset.counts
+    log.info(
+        "data: %d rows (%d with an image, %d text-only); %d image rows without <image> kept as LLaVA keeps them",
+        kept["rows"],
+        kept["rows_with_image"],
+        kept["rows_text_only"],
+        kept["image_without_placeholder"]["count"],
+    )
     sampler = DistributedLengthGroupedSampler.from_dataset(
         dataset,
         cfg.batch_size,

@@ -23,7 +23,8 @@ class ExtractConfig:
     """One extraction run: packed input -> cache.
 
     ``codec`` applies to every teacher unless ``codecs`` names one for it. ``aspect`` (``square``
-    or ``pad``), when set, overrides every teacher's LLaVA aspect mode. ``num_workers`` actors are
+    or ``pad``), when set, overrides every teacher's LLaVA aspect mode; ``alpha`` (``drop``, as
+    released, or ``white``), when set, every teacher's alpha mode. ``num_workers`` actors are
     started, each with ``gpus_per_worker`` GPUs (``device: cuda``) or ``cpus_per_worker`` CPUs.
     """
 
@@ -34,6 +35,7 @@ class ExtractConfig:
     codecs: Mapping[str, str] = field(default_factory=dict)
     cls_teacher: str | None = "clip"
     aspect: str | None = None
+    alpha: str | None = None
     dataset_name: str = ""
     batch_size: int = 8
     device: str = "auto"
@@ -57,6 +59,8 @@ class ExtractConfig:
             if self.aspect not in ("square", "pad"):
                 raise ValueError(f"aspect must be 'square' or 'pad', got {self.aspect!r}")
             teachers = tuple(dataclasses.replace(t, aspect=self.aspect) for t in teachers)
+        if self.alpha is not None:
+            teachers = tuple(dataclasses.replace(t, alpha=self.alpha) for t in teachers)  # TeacherSpec checks it
         object.__setattr__(self, "teachers", teachers)
         object.__setattr__(self, "codecs", dict(self.codecs))
         names = [t.name for t in teachers]

@@ -74,6 +74,10 @@ class ShardExtractor:
             manifest = CacheManifest.from_dict(manifest)
         self._writer = CacheWriter.open(self.cfg.out, manifest)
 
+    def use_writer(self, writer: CacheWriter) -> None:
+        """Write through ``writer`` (already opened and checked, e.g. ``pipeline.extract_null``)."""
+        self._writer = writer
+
     # -- one shard ---------------------------------------------------------------------------
     def process(self, shard: int) -> dict:
         """Extract, write and commit cache shard ``shard``; returns a small summary."""
@@ -115,6 +119,8 @@ class ShardExtractor:
         return keys, failed, acc.encoded(), acc.cls()
 
     def _null_row(self, times: dict):
+        """The reserved no-image row: every teacher on ``null_image_tensor`` (the released black
+        input through that teacher's own preprocessing; the manifest says ``null_input``)."""
         pixels = {sid: null_image_tensor(spec)[None] for spec, sid in self.pre_specs.items()}
         acc = _Accumulator(self.teachers, self.cfg)
         failed: dict[str, str] = {}
@@ -150,7 +156,10 @@ class ShardExtractor:
                 out = {sid: preprocess_image(img, spec) for spec, sid in self.pre_specs.items()}
             return key, out, None, time.perf_counter() - t
         except Exception as e:  # noqa: BLE001 - any undecodable image is recorded, never fatal
-            zeros = {sid: null_image_tensor(spec) for spec, sid in self.pre_specs.items()}
+            # a placeholder only: the row is marked failed and stored as zeros
+            zeros = {
+                sid: np.zeros((3, spec.resolution, spec.resolution), np.float32) for spec, sid in self.pre_specs.items()
+            }
             return key, zeros, f"cannot decode image: {type(e).__name__}: {e}", time.perf_counter() - t
 
 

@@ -61,6 +61,7 @@ class TrainConfig:
     teachers: tuple[str, ...] | None = None  # None = every teacher in the cache
     template: str = "plain"
     image_aspect_ratio: str = "square"
+    image_alpha: str = "drop"  # "drop" as convert('RGB') (released), "white": composite (must match the cache)
     max_length: int = 2048
     projector: str = "mlp2x_gelu"
     adapter_kind: str = "auto"
@@ -102,6 +103,7 @@ class TrainConfig:
             ("stage", self.stage, STAGES),
             ("template", self.template, TEMPLATES),
             ("image_aspect_ratio", self.image_aspect_ratio, ASPECTS),
+            ("image_alpha", self.image_alpha, ("drop", "white")),
             ("schedule", self.schedule, SCHEDULES),
             ("distributed", self.distributed, STRATEGIES),
             ("adapter_kind", self.adapter_kind, ADAPTER_KINDS),

@@ -15,8 +15,11 @@ Decisions:
   a tokenizer merges differently and then only warns. Here the whole prompt is rendered once, each
   supervised span (answer + stop sep) is recorded in characters, the prompt is tokenised with
   offsets (a fast tokenizer is required) and a token is supervised iff its characters overlap a
-  span. ``input_ids`` are therefore exactly LLaVA's; labels agree except at boundary tokens (a lone
-  space token before an answer starting with a digit is supervised by LLaVA, not here).
+  span. ``input_ids`` are therefore exactly LLaVA's, and so are the labels: a ``vicuna_v1`` span
+  starts at the space after ``"ASSISTANT:"``, because LLaVA masks ``len(tokenize("... ASSISTANT: "))
+  - 2`` tokens, i.e. up to the ``":"``, so it supervises the lone ``"▁"`` SentencePiece emits
+  before an answer that starts with a digit or a newline (id 29871 for Llama). The tests compare
+  with LLaVA's rule token for token under a SentencePiece Llama tokenizer in both ``legacy`` modes.
 - ``<image>`` handling follows LLaVA's ``preprocess_multimodal`` + ``tokenizer_image_token``: the
   placeholder is moved to the front of its turn (``"<image>\\n" + rest``), the prompt is split on
   it, the pieces are tokenised without special tokens, BOS (if the tokenizer adds one) goes in
@@ -24,7 +27,14 @@ Decisions:
   later replaces by the image features. Text-only rows have no sentinel.
 - Validation raises ``ValueError`` naming the row id: unknown roles, roles not alternating
   human/gpt, a trailing human turn, empty values, more than one ``<image>``, ``<image>`` outside a
-  human turn, and image/placeholder mismatches. A leading gpt turn is dropped, as LLaVA does.
+  human turn, ``<image>`` in a row without an image, and (``plain`` only, where LLaVA asserts it)
+  an image row without ``<image>``. A ``vicuna_v1`` image row without the placeholder is kept, as
+  LLaVA keeps it: it renders with no sentinel, so the LLM sees no image tokens, while its image
+  still gets KD and the balance loss (``has_placeholder`` tells the data layer which rows these
+  are). A leading gpt turn is dropped, as LLaVA does.
+- Pad token: a tokenizer without one gets ``pad = unk`` (``load_tokenizer``/``ensure_pad_token``),
+  as LLaVA sets it (``train.py:966-968``; Llama/vicuna ship no pad token). Padded positions are
+  masked and unsupervised, so the id only has to exist.
 - ``max_length`` counts the sequence the LLM will see, i.e. the sentinel as ``num_image_tokens``
   positions (LLaVA truncates after splicing, to ``model_max_length``). Longer rows are truncated at
   the tail; if that would cut into the image features, or leave nothing supervised, the row is
@@ -79,7 +89,9 @@ def get_template(template: str | Template) -> Template:
     return TEMPLATES[template]
 
 
-def _validate_turns(conversations: Sequence[Mapping], has_image: bool, rid: str) -> list[tuple[str, str]]:
+def _validate_turns(
+    conversations: Sequence[Mapping], has_image: bool, rid: str, placeholder_optional: bool = False
+) -> list[tuple[str, str]]:
     """Check roles, values and ``<image>`` placement; return (role, value) pairs."""
     if not all(isinstance(t, Mapping) for t in conversations):
         raise ValueError(f"row {rid}: every turn must be a mapping with 'from' and 'value'")
@@ -104,7 +116,7 @@ def _validate_turns(conversations: Sequence[Mapping], has_image: bool, rid: str)
         raise ValueError(f"row {rid}: conversation ends with a human turn (no answer to supervise)")
     if n_images > 1:
         raise ValueError(f"row {rid}: {n_images} {IMAGE_PLACEHOLDER} placeholders (at most one)")
-    if has_image and n_images == 0:
+    if has_image and n_images == 0 and not placeholder_optional:
         raise ValueError(f"row {rid}: row has an image but no {IMAGE_PLACEHOLDER} in its text")
     if not has_image and n_images:
         raise ValueError(f"row {rid}: {IMAGE_PLACEHOLDER} in the text of a row without an image")
@@ -124,7 +136,7 @@ def render(
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render a row into the prompt string and its supervised character spans ``[start, end)``."""
     tpl, rid = get_template(template), "?" if row_id is None else row_id
-    turns = _validate_turns(conversations, has_image, str(rid))
+    turns = _validate_turns(conversations, has_image, str(rid), placeholder_optional=tpl.name != "plain")
     if tpl.name == "plain":
         if len(turns) != 2 or not has_image:
             raise ValueError(
@@ -139,10 +151,34 @@ def render(
             prompt += f"{tpl.roles[0]}: {_image_to_front(value)}{tpl.sep}"
         else:
             prompt += f"{tpl.roles[1]}: "
-            start = len(prompt)
+            start = len(prompt) - 1  # the space after "ASSISTANT:", where LLaVA's labels start
             prompt += value + tpl.sep2
             spans.append((start, len(prompt)))
     return prompt, spans
+
+
+def has_placeholder(conversations: Sequence[Mapping]) -> bool:
+    """Whether any turn holds ``<image>`` (a ``vicuna_v1`` image row may lack it; see above)."""
+    return any(isinstance(t, Mapping) and IMAGE_PLACEHOLDER in str(t.get("value", "")) for t in conversations)
+
+
+def ensure_pad_token(tokenizer):
+    """Give ``tokenizer`` LLaVA's ``pad_token = unk_token`` when it has no pad token; returns it."""
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is None:
+            raise ValueError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an unk token: "
+                "set a pad token in its tokenizer_config.json (LLaVA pads with unk)"
+            )
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def load_tokenizer(path, **kwargs):
+    """``AutoTokenizer.from_pretrained(path)`` with ``ensure_pad_token`` (training and inference)."""
+    from transformers import AutoTokenizer
+
+    return ensure_pad_token(AutoTokenizer.from_pretrained(path, **kwargs))
 
 
 def _bos_prefix(tokenizer) -> list[int]:

@@ -28,7 +28,13 @@ Decisions:
   them without copy-on-write refcount churn (the growth LLaVA's ``list_data_dict`` causes at
   665K rows). Records are decoded on access.
 - Text-only rows read the cache's reserved row (``NULL_KEY``) and get ``null_image_tensor``, the
-  all-zero input the teachers saw for it (docs/method.md §3.1).
+  released "no image" input (a black image through the student's preprocessing, -mean/std), the
+  one the teachers saw for that row (docs/method.md §3.1). A cache whose manifest says its row
+  holds another input (``null_input: zeros``, format 1) is refused, naming the one-row fix.
+- Rows with an image but no ``<image>`` in their text are kept, as LLaVA keeps them: the image is
+  read (KD and the balance loss apply) but the LLM sees no image tokens (the sample's
+  ``has_image``, which tells the model to splice, is False; ``modalities()`` still says image, as
+  LLaVA's ``modality_lengths``). They are counted in ``counts`` and logged.
 - Batched reads: ``read_batch(indices)`` reads every row of a batch with one ``FeatureCache.read``
   (zarr fetches the chunks concurrently). It is also ``__getitems__``, which a map-style
   ``DataLoader`` with ``batch_size`` calls instead of ``__getitem__`` per index, so the usual
@@ -55,6 +61,7 @@ from student.conversation import (
     IMAGE_PLACEHOLDER,
     ConversationTooLong,
     get_template,
+    has_placeholder,
     render,
     tokenize_conversation,
 )
@@ -65,6 +72,7 @@ log = logging.getLogger(__name__)
 INVALID_IMAGE = "invalid_image"
 INVALID_CONVERSATION = "invalid_conversation"
 TOO_LONG = "too_long"
+IMAGE_WITHOUT_PLACEHOLDER = "image_without_placeholder"  # kept, counted
 MAX_EXAMPLES = 5
 
 
@@ -153,6 +161,12 @@ def check_cache(
 ) -> tuple[str, ...]:
     """Validate ``cache`` for distillation (module docstring); return the teachers to read."""
     m, url = cache.manifest, cache.location.url
+    if m.null_input != "black":
+        raise ValueError(
+            f"cache {url} has the old no-image row (null_input={m.null_input!r}, format {m.format_version}), "
+            "not the released black input: rewrite only that row with `movekd extract --config <its extraction "
+            "config> --rewrite-null-row` (cache/FORMAT.md section 2)"
+        )
     if not cache.complete:
         missing = m.num_shards - len(cache.committed_shards)
         raise ValueError(
@@ -208,6 +222,11 @@ def _byte_bound(prompt: str) -> int:
     return 1 + prompt.count(IMAGE_PLACEHOLDER) + sum(len(p.encode("utf-8")) + 1 for p in pieces)
 
 
+def _splices_image(rec: ConversationRecord) -> bool:
+    """Whether the row's image tokens go into the LLM: it has an image and an ``<image>``."""
+    return rec.image_key is not None and has_placeholder(rec.conversations)
+
+
 def _word_length(conversations: Sequence[Mapping[str, Any]]) -> int:
     """LLaVA's ``lengths``/``modality_lengths`` measure: whitespace words over every turn."""
     return sum(len(str(t.get("value", "")).split()) for t in conversations if isinstance(t, Mapping))
@@ -242,6 +261,13 @@ class DistillDataset(torch.utils.data.Dataset):
         self._lengths = np.array([_word_length(r.conversations) for r in kept], dtype=np.int64)
         self._has_image = np.array([r.image_key is not None for r in kept], dtype=bool)
         self.skipped = skips.as_dict()
+        self.counts = self._count(kept)
+        if self.counts[IMAGE_WITHOUT_PLACEHOLDER]["count"]:
+            log.info(
+                "DistillDataset: %d image row(s) without %s kept as LLaVA keeps them (KD, no image tokens)",
+                self.counts[IMAGE_WITHOUT_PLACEHOLDER]["count"],
+                IMAGE_PLACEHOLDER,
+            )
         if skips.total:
             log.info(
                 "DistillDataset: kept %d of %d rows; skipped %s",
@@ -251,6 +277,19 @@ class DistillDataset(torch.utils.data.Dataset):
             )
 
     # -- construction ----------------------------------------------------------------------
+    def _count(self, kept: Sequence[ConversationRecord]) -> dict[str, Any]:
+        """Kept rows by kind; ``image_without_placeholder`` with a few examples (the data report)."""
+        without = SkipLog()
+        for rec in kept:
+            if rec.image_key is not None and not _splices_image(rec):
+                without.add(IMAGE_WITHOUT_PLACEHOLDER, f"{rec.where}: image {rec.image_key!r}")
+        return {
+            "rows": len(kept),
+            "rows_with_image": int(self._has_image.sum()),
+            "rows_text_only": int((~self._has_image).sum()),
+            IMAGE_WITHOUT_PLACEHOLDER: without.as_dict().get(IMAGE_WITHOUT_PLACEHOLDER, {"count": 0, "examples": []}),
+        }
+
     def _precheck(self, records: Sequence[ConversationRecord]) -> tuple[list[ConversationRecord], SkipLog]:
         skips, failed, unknown, rendered = SkipLog(), self.cache.failed(), [], []
         for rec in records:
@@ -297,7 +336,7 @@ class DistillDataset(torch.utils.data.Dataset):
         return refused
 
     def _spliced(self, rec: ConversationRecord, ids: int) -> int:
-        return ids + (self.num_image_tokens - 1 if rec.image_key is not None else 0)
+        return ids + (self.num_image_tokens - 1 if _splices_image(rec) else 0)
 
     def _token_counts(self, prompts: list[str]) -> list[int]:
         """``len(input_ids)`` as ``encode_prompt`` builds it (BOS, each piece tokenised alone, one
@@ -390,7 +429,7 @@ class DistillDataset(torch.utils.data.Dataset):
         sample = {
             **text,
             "pixel_values": torch.from_numpy(self._pixels(rec)),
-            "has_image": rec.image_key is not None,
+            "has_image": _splices_image(rec),  # image tokens in the LLM (not for a row without <image>)
             "targets": {t: torch.from_numpy(np.array(rows.features[t][j])) for t in self.teachers},
             "key": key,
         }
@@ -424,6 +463,7 @@ __all__ = [
     "check_preprocess",
     "collate_distill",
     "INVALID_CONVERSATION",
+    "IMAGE_WITHOUT_PLACEHOLDER",
     "INVALID_IMAGE",
     "TOO_LONG",
 ]

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cache.manifest import ASPECT_MODES, RESAMPLE_MODES, PreprocessSpec, TeacherEntry
+from cache.manifest import ALPHA_MODES, ASPECT_MODES, RESAMPLE_MODES, PreprocessSpec, TeacherEntry
 from cache.strict import from_mapping
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -50,13 +50,15 @@ class TeacherSpec:
     or hub id); empty means the family's released default. ``layer`` picks the tapped layer where a
     family allows it (None = the family default). ``arch`` names the timm architecture for
     ``eva``/``convnext`` when ``source`` is a file. ``model_kwargs`` go to the model constructor
-    (timm ``create_model`` kwargs, or HF ``from_pretrained`` config overrides)."""
+    (timm ``create_model`` kwargs, or HF ``from_pretrained`` config overrides). ``alpha`` is the
+    preprocessing's alpha mode (``drop`` as released, or ``white``), whatever the family."""
 
     name: str
     family: str
     source: str = ""
     resolution: int | None = None
     aspect: str = "square"
+    alpha: str = "drop"
     resample: str = "none"
     resample_grid: tuple[int, int] = (24, 24)
     compute_dtype: str = "auto"
@@ -73,6 +75,7 @@ class TeacherSpec:
             raise ValueError(f"teacher {self.name}: 'family' must be set")
         checks = [
             (self.aspect in ASPECT_MODES, f"aspect must be one of {ASPECT_MODES}, got {self.aspect!r}"),
+            (self.alpha in ALPHA_MODES, f"alpha must be one of {ALPHA_MODES}, got {self.alpha!r}"),
             (self.resample in RESAMPLE_MODES, f"resample must be one of {RESAMPLE_MODES}, got {self.resample!r}"),
             (
                 self.compute_dtype in COMPUTE_DTYPES,
@@ -140,7 +143,7 @@ class Teacher:
     ):
         self.spec = spec
         self.device = torch.device(device)
-        self.preprocess_spec = preprocess_spec
+        self.preprocess_spec = dataclasses.replace(preprocess_spec, alpha=spec.alpha)
         self.layer = layer
         self.has_cls = has_cls
         model.eval().requires_grad_(False)

@@ -117,6 +117,7 @@ def make_info(
     """A ``TeacherInfo`` with the spec's resampling applied to the stored grid."""
     native = (int(native_grid[0]), int(native_grid[1]))
     grid = tuple(spec.resample_grid) if spec.resample != "none" else native
+    preprocess = dataclasses.replace(preprocess, alpha=spec.alpha)  # as Teacher.__init__ does
     return TeacherInfo(spec.name, spec.family, spec.source, layer, preprocess, native, grid, int(channels), has_cls)
 
 

@@ -157,3 +157,21 @@ def flip_payload_bit(file, shard_size: int, chunk: int = 1, index: bool = False)
     pos = len(data) - 10 if index else int(offset + nbytes // 2)
     data[pos] ^= 0x10
     file.write_bytes(bytes(data))
+
+
+def downgrade_to_format_1(root: str) -> None:
+    """Rewrite a built cache's manifest as the format 1 code wrote it (no ``null_input``, no
+    ``preprocess.alpha``, ``format_version`` 1): what an old cache on disk looks like."""
+    import json
+    import os
+
+    path = os.path.join(root, "zarr.json")
+    with open(path) as f:
+        meta = json.load(f)
+    m = meta["attributes"]["movekd"]
+    m["format_version"] = 1
+    m.pop("null_input")
+    for t in m["teachers"]:
+        t["preprocess"].pop("alpha")
+    with open(path, "w") as f:
+        json.dump(meta, f)

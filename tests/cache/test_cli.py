@@ -47,7 +47,7 @@ def test_inspect_table(capsys, built_cache):
     code, out, err = run(capsys, "inspect", built_cache[0])
     assert code == 0 and err == ""
     for text in (
-        "movekd-feature-cache v1",
+        "movekd-feature-cache v2",
         "3/3 committed",
         "no-image row committed",
         "10 valid, 1 failed",
@@ -70,7 +70,11 @@ def test_inspect_json(capsys, built_cache):
     assert code == 0
     assert info["images"] == {"valid": 10, "failed": 1, "total": 11}
     assert info["shards"] == {"committed": 3, "total": 3, "null_row_committed": True}
-    assert info["manifest"]["format_version"] == 1 and info["manifest"]["dataset_name"] == "toy"
+    assert (
+        info["manifest"]["format_version"] == 2
+        and info["manifest"]["null_input"] == "black"
+        and info["manifest"]["dataset_name"] == "toy"
+    )
     assert info["manifest"]["created"] == manifest.created and info["manifest"]["package_version"]
     on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     assert info["bytes_on_disk"] == on_disk and info["raw_bf16_bytes_per_image"] == RAW_BF16

@@ -56,4 +56,4 @@ def test_documented_fields_are_the_written_fields(manifest):
     assert {f.name for f in dataclasses.fields(CacheManifest)} <= written
     for codec in list_codecs():
         assert f"`{codec}`" in text, codec
-    assert json.loads(json.dumps(manifest.to_dict()))["format_version"] == 1 and "format version 1" in text
+    assert json.loads(json.dumps(manifest.to_dict()))["format_version"] == 2 and "format version 2" in text

@@ -2,7 +2,11 @@
 
 The digests below were recorded with the code of 2026-12-01 (before the configuration/extraction
 refactor of issue 8) and must not change unless the on-disk format deliberately does (then bump
-``FORMAT_VERSION`` and record new digests). Two digests per cache:
+``FORMAT_VERSION`` and record new digests). Format 2 (issue 9) changed only the manifest (it adds
+``null_input`` and ``preprocess.alpha``): so a format 2 cache, its manifest rewritten back to the
+format 1 form, must still give the format 1 digests (``GOLDEN``), which proves every array,
+marker and checksum is unchanged; ``GOLDEN_V2`` pins the format 2 cache as written. Two digests
+per cache:
 
 - ``files``: every file's raw bytes (zarr shard files as compressed on disk), with JSON files
   (``zarr.json``, commit markers) compared after dropping provenance fields (creation time,
@@ -23,7 +27,7 @@ import pytest
 import zarr
 
 from cache import list_codecs
-from tests.cache.synth import build_cache, make_manifest
+from tests.cache.synth import build_cache, downgrade_to_format_1, make_manifest
 
 PROVENANCE = {"created", "package_version", "written_at", "writer"}
 # Commit markers' ``files`` (shard file sizes) are derived from the files hashed here: recorded since
@@ -60,6 +64,39 @@ GOLDEN = {
     "int8_channel": (
         "cbcb5e3bcb83b4863c0cb906739854cb98af64eab11dca7979daac0016823028",
         "6db521b383a1b5bf83b16ee501a55d8637e3e5779108ffd7f346f3b867c4566d",
+    ),
+}
+
+
+# codec -> (files, values) of the same caches as written by format 2 (recorded 2026-12-02).
+GOLDEN_V2 = {
+    "bf16": (
+        "5c1e8913a1ba7b3ae23eaa5775155cca4132e877f233931fbcb2620c335029e0",
+        "2f77167e6918f889b6017aacf6a3f8186f0e961720f6ed633a53338810548433",
+    ),
+    "ecsq": (
+        "b1a6f7962663ab08861c8a8e058cb98782a6c12eaddfad5efd9f73ec0ffbe584",
+        "10bbe1c43c1b0508a3ed2ac639a6db8e304235f23c3a2104fbd3793c8f46ad98",
+    ),
+    "fp16": (
+        "0f9da336f374aefa17713b6dd34c1f6e1923db26c43e907a2c0ec5212b125d96",
+        "65abb7983597deda44d45c554d6eebc1ae699f7beff8829de577b331573edc5f",
+    ),
+    "int4": (
+        "b8eb7fdde4feabe3129a7e554444bf6012135adf3ece8f3e5603ff25d0f7e169",
+        "ee1c8c0fee8d4b7b0291b33202b6a935c13fdba9e8aed6422ae6547df12b77c4",
+    ),
+    "int4_g64": (
+        "31663624183c15a68c2ab06afe7d5387d9b473b8c39197c7fb3a4fd23afe4436",
+        "325030d21f548457151ccfe14e9b89b408560a7fd36825ccc2f4c14ba2b239d7",
+    ),
+    "int8": (
+        "d853d8675fd5ae0ba6731142983f49930a56912cb59811ecd69c5bf5b61559c3",
+        "82578a2af79803641c446f11d54ffdda9d518a69f8a343d21fc223c2f35d0a9c",
+    ),
+    "int8_channel": (
+        "25215414e6a26130adeb34aeb6cfb87a1dbd87041c116be61e236af697c55abe",
+        "b3f997afe119d1c848fff71fdc544d0c74f721e17c1b644e51b9c0bd88c8de08",
     ),
 }
 
@@ -102,6 +139,8 @@ def test_cache_bytes_are_unchanged(tmp_path, codec):
     manifest = make_manifest(codecs={"convnext": codec}, **FIXED)
     root = str(tmp_path / "cache")
     build_cache(root, manifest)
+    assert cache_digests(root) == GOLDEN_V2[codec], f"{codec}: the format 2 cache changed"
+    downgrade_to_format_1(root)
     files, values = cache_digests(root)
     want_files, want_values = GOLDEN[codec]
     assert values == want_values, f"{codec}: the stored contents changed"

@@ -134,25 +134,41 @@ def test_grayscale_is_replicated(photos):
     assert np.array_equal(out[0], out[1]) and np.array_equal(out[1], out[2])
 
 
-def test_rgba_and_palette_alpha_composite_on_white(photos):
+def _rgba(photos) -> Image.Image:
     rgb = np.asarray(photos["chelsea"])
     alpha = np.tile(np.linspace(0, 255, rgb.shape[1]).astype(np.uint8), (rgb.shape[0], 1))
-    rgba = Image.fromarray(np.dstack([rgb, alpha]))
-    proc = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    assert np.abs(preprocess_image(rgba, clip_spec(224)) - hf(proc, rgba)).max() <= EXACT
-    transparent = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
-    assert np.asarray(to_rgb(transparent)).min() == 255  # white, not the hidden black
+    return Image.fromarray(np.dstack([rgb, alpha]))
+
+
+def _transparent_images() -> dict[str, Image.Image]:
     palette = Image.new("P", (40, 30), 0)
     palette.putpalette([0, 0, 0] * 256)
     palette.info["transparency"] = 0
-    assert np.asarray(to_rgb(palette)).min() == 255
+    la = Image.fromarray(np.dstack([np.zeros((30, 40), np.uint8)] * 2), mode="LA")
+    return {"RGBA": Image.new("RGBA", (40, 30), (0, 0, 0, 0)), "P": palette, "LA": la}
 
 
-def test_cmyk_matches_hf_processor(photos):
-    """A CMYK JPEG (common in LAION) is converted as HF's processor converts it (PIL's RGB)."""
-    cmyk = photos["coffee"].convert("CMYK")
+def test_alpha_is_dropped_by_default_as_pil_convert_rgb_does(photos):
+    """The released loader: ``Image.open(...).convert('RGB')``, then the CLIP processor."""
+    rgba = _rgba(photos)
     proc = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    assert np.abs(preprocess_image(cmyk, clip_spec(224)) - hf(proc, cmyk)).max() <= EXACT
+    released = hf(proc, rgba.convert("RGB"))
+    assert np.abs(preprocess_image(rgba, clip_spec(224)) - released).max() <= EXACT
+    assert np.abs(preprocess_image(rgba, clip_spec(224)) - hf(proc, rgba)).max() > 0.1  # HF composites
+    for mode, image in _transparent_images().items():
+        assert np.asarray(to_rgb(image)).max() == 0, mode  # the hidden black, as convert('RGB')
+        assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(image.convert("RGB"))), mode
+
+
+def test_alpha_white_option_composites_on_white(photos):
+    rgba = _rgba(photos)
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    spec = PreprocessSpec(resolution=224, alpha="white")
+    assert np.abs(preprocess_image(rgba, spec) - hf(proc, rgba)).max() <= EXACT
+    for mode, image in _transparent_images().items():
+        assert np.asarray(to_rgb(image, "white")).min() == 255, mode  # white, not the hidden black
+    with pytest.raises(ValueError, match="alpha"):
+        PreprocessSpec(resolution=8, alpha="black")
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I"])
@@ -170,16 +186,52 @@ def test_eight_bit_values_in_mode_i_are_kept():
     assert np.array_equal(np.asarray(to_rgb(image))[..., 1], np.arange(256).reshape(16, 16))
 
 
-def test_null_image_and_batch(photos):
+def test_batch_rows_are_hf_results(photos):
     spec = clip_spec(56)
-    null = null_image_tensor(spec)
-    assert null.shape == (3, 56, 56) and null.dtype == np.float32 and not null.any()
     proc = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     batch = preprocess_batch([photos["chelsea"], photos["camera"]], spec)
     assert batch.shape == (2, 3, 56, 56)
     for row, name in zip(batch, ("chelsea", "camera")):  # row i is image i, as HF processes it
         assert np.abs(row - hf(proc, photos[name])).max() <= EXACT, name
     assert preprocess_batch([], spec).shape == (0, 3, 56, 56)
+
+
+def _released_null(processor) -> np.ndarray:
+    """What the released model feeds an encoder on a text-only row: the dataset's
+    ``torch.zeros(3, 336, 336)`` sent through that encoder's processor (``process_images``)."""
+    import torch
+
+    return processor(images=torch.zeros(3, 336, 336), return_tensors="np")["pixel_values"][0]
+
+
+@pytest.mark.parametrize("aspect", ["square", "pad"])
+def test_null_image_is_the_released_black_input(aspect):
+    """CLIP at 336 (student, clip teacher) and 1024 (eva, convnext): -mean/std per channel, equal
+    to HF's processor on the released zero tensor and on a black PIL image; not zeros."""
+    for res in (336, 1024):
+        spec = clip_spec(res, aspect)
+        null = null_image_tensor(spec)
+        want = (-np.asarray(spec.mean, np.float32) / np.asarray(spec.std, np.float32))[:, None, None]
+        assert null.shape == (3, res, res) and null.dtype == np.float32
+        assert np.abs(null - want).max() <= EXACT
+        np.testing.assert_allclose(want.ravel(), [-1.7923, -1.7521, -1.4802], atol=1e-4)
+        proc = CLIPImageProcessorPil(size={"shortest_edge": res}, crop_size={"height": res, "width": res})
+        assert np.abs(null - hf(proc, Image.new("RGB", (336, 336)))).max() <= EXACT
+        fast = CLIPImageProcessor(size={"shortest_edge": res}, crop_size={"height": res, "width": res})
+        assert np.abs(null - _released_null(fast)).max() <= EXACT
+    null[:] = 0  # a copy: the cached tensor is not changed
+    assert null_image_tensor(clip_spec(1024, aspect)).min() < -1
+
+
+def test_null_image_for_sam_is_black_everywhere_no_zero_pad():
+    spec = sam_spec(1024)
+    null = null_image_tensor(spec)
+    want = -np.asarray(IMAGENET_DEFAULT_MEAN, np.float32) / np.asarray(IMAGENET_DEFAULT_STD, np.float32)
+    assert np.abs(null - want[:, None, None]).max() <= EXACT  # also the bottom/right corner
+    np.testing.assert_allclose(want, [-2.1179, -2.0357, -1.8044], atol=1e-4)
+    proc = SamImageProcessorPil()
+    assert np.abs(null - hf(proc, Image.new("RGB", (336, 336)))).max() <= EXACT
+    assert np.abs(null - _released_null(SamImageProcessor())).max() <= EXACT
 
 
 def test_threads_give_hf_results(photos):

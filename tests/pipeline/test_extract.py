@@ -90,7 +90,14 @@ def test_cached_features_equal_a_direct_forward(tmp_path, tiny_specs, packed, ot
     assert verify_cache(cfg.out, progress=False).ok
 
 
-def test_no_image_row_holds_the_teachers_output_for_zero_input(tmp_path, tiny_specs, packed):
+def _black_output(teacher):
+    """The teacher on the released no-image input: a black 336 px square through its own
+    preprocessing (written out here, independently of ``null_image_tensor``)."""
+    pixels = preprocess_image(Image.new("RGB", (336, 336)), teacher.preprocess_spec)
+    return teacher.encode(torch.from_numpy(pixels[None]))
+
+
+def test_no_image_row_holds_the_teachers_output_for_the_black_input(tmp_path, tiny_specs, packed):
     cfg = ExtractConfig(
         packed=packed.root,
         out=str(tmp_path / "cache"),
@@ -99,11 +106,58 @@ def test_no_image_row_holds_the_teachers_output_for_zero_input(tmp_path, tiny_sp
         progress=False,
     )
     assert extract_in_process(cfg).ok
-    got = open_cache(cfg.out).read(["__no_image__"])
+    cache = open_cache(cfg.out)
+    assert cache.manifest.null_input == "black" and cache.manifest.format_version == 2
+    got = cache.read(["__no_image__"])
     for name in ("clip", "sam"):
         teacher = build_teacher(tiny_specs[name])
-        zero = torch.from_numpy(null_image_tensor(teacher.preprocess_spec)[None])
-        assert rel_mse(got.features[name], teacher.encode(zero).tokens.numpy()) < 1e-6
+        spec = teacher.preprocess_spec
+        mean, std = (np.asarray(v, np.float32)[:, None, None] for v in (spec.mean, spec.std))
+        assert np.abs(null_image_tensor(spec) + mean / std).max() <= 1e-6  # -mean/std everywhere, SAM too
+        assert rel_mse(got.features[name], _black_output(teacher).tokens.numpy()) < 1e-6
+        zero = teacher.encode(torch.zeros(1, 3, spec.resolution, spec.resolution)).tokens.numpy()
+        assert rel_mse(got.features[name], zero) > 1e-3  # not the old all-zero input
+
+
+def test_rewrite_null_row_fixes_an_old_cache_and_nothing_else(tmp_path, tiny_specs, packed):
+    """A format 1 cache (zeros in its no-image row): ``--rewrite-null-row`` recomputes that row
+    only; the data shards' markers and checksums are untouched; alpha stays as written (white)."""
+    import json
+
+    from cache import NULL_KEY, CacheWriter, ManifestMismatchError
+    from pipeline.extract_null import rewrite_null_row
+    from tests.cache.synth import downgrade_to_format_1
+
+    cfg = ExtractConfig(
+        packed=packed.root, out=str(tmp_path / "cache"), codec="fp16", teachers=(tiny_specs["clip"],), progress=False
+    )
+    assert extract_in_process(cfg).ok
+    teacher = build_teacher(tiny_specs["clip"])
+    m = open_cache(cfg.out).manifest
+    res = m.teachers[0].preprocess.resolution
+    old = teacher.encode(torch.zeros(1, 3, res, res))  # what format 1 stored
+    writer = CacheWriter.open(cfg.out, m)
+    writer.write_shard(
+        m.num_shards, [NULL_KEY], {"clip": old.tokens.numpy()}, old.cls_state.numpy(), old.cls_attn.numpy()
+    )
+    downgrade_to_format_1(cfg.out)
+    markers = {
+        n: (tmp_path / "cache" / "_commits" / n).read_text() for n in os.listdir(tmp_path / "cache" / "_commits")
+    }
+    with pytest.raises(ManifestMismatchError, match="--rewrite-null-row"):
+        plan(cfg, ShardExtractor(cfg).describe())  # a plain resume is refused, naming the fix
+
+    rewrite_null_row(cfg)
+    cache = open_cache(cfg.out)
+    assert cache.manifest.null_input == "black" and cache.manifest.format_version == 2
+    assert cache.manifest.teachers[0].preprocess.alpha == "white"  # the data rows were composited
+    assert rel_mse(cache.read([NULL_KEY]).features["clip"], _black_output(teacher).tokens.numpy()) < 1e-6
+    null_marker = f"shard-{m.num_shards:05d}.json"
+    for name, text in markers.items():
+        now = (tmp_path / "cache" / "_commits" / name).read_text()
+        assert (now == text) == (name != null_marker), name
+    assert json.loads((tmp_path / "cache" / "_commits" / null_marker).read_text())["keys"] == [NULL_KEY]
+    assert verify_cache(cfg.out, progress=False).ok
 
 
 def test_corrupt_image_is_recorded_and_its_row_invalid(tmp_path, tiny_specs):
@@ -269,3 +323,17 @@ def test_cli_dry_run_of_a_released_preset_needs_no_download():
     assert "eva_vitdet  (not set)" in rows["eva"]  # the released EVA-02 ViTDet, whose checkpoint is not set yet
     assert "a real run needs the checkpoint: --set teachers.1.source=PATH (eva)" in out.stdout
     assert "packed is not set" in out.stdout
+
+
+def test_online_mode_feeds_the_black_input_for_text_only_rows(tiny_specs):
+    """``--online-teachers`` computes a text-only row's targets from the same black input."""
+    from cache import NULL_KEY
+    from jobs.online_teachers import OnlineTargets
+
+    teacher = build_teacher(tiny_specs["clip"])
+    collate = lambda samples: {"keys": [s["key"] for s in samples], "targets": {}}  # noqa: E731
+    online = OnlineTargets({"clip": teacher}, images=lambda key: None, collate=collate, cls_teacher="clip")
+    batch = online([{"key": NULL_KEY}])
+    want = _black_output(teacher)
+    assert torch.equal(batch["targets"]["clip"], want.tokens.float())
+    assert torch.equal(batch["cls_attn"], want.cls_attn.float())

@@ -4,6 +4,7 @@ scoring against the official metric's documented cases, and the movekd generate/
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -166,6 +167,20 @@ def test_cli_errors_are_one_line(export, argv, message, capsys):
     assert movekd([a.replace("{export}", str(export)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_inference_loading_gives_a_tokenizer_without_pad_unk(export, tmp_path):
+    """An export whose tokenizer has no pad token (vicuna's) loads with ``pad = unk``, as LLaVA."""
+    from jobs.inference import load_for_inference
+
+    copy = tmp_path / "export"
+    shutil.copytree(export, copy)
+    config_path = copy / "tokenizer" / "tokenizer_config.json"
+    config = {k: v for k, v in json.loads(config_path.read_text()).items() if k != "pad_token"}
+    config_path.write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(copy / "tokenizer").pad_token is None
+    tokenizer = load_for_inference(str(copy), None)[1]
+    assert tokenizer.pad_token is not None and tokenizer.pad_token == tokenizer.unk_token
 
 
 def test_incompatible_export_version(export, tmp_path, capsys):

@@ -10,6 +10,7 @@ from student.conversation import (
     IMAGE_TOKEN_INDEX,
     VICUNA_SYSTEM,
     ConversationTooLong,
+    has_placeholder,
     render,
     tokenize_conversation,
     tokenize_row,
@@ -103,7 +104,21 @@ def test_leading_gpt_turn_is_dropped_like_llava(tok):
     conv = [turn("gpt", "ignored preamble")] + chat(("<image>\nWhat?", "A dog."))
     prompt, spans = render(conv, "vicuna_v1", has_image=True)
     assert "ignored preamble" not in prompt
-    assert [prompt[s:e] for s, e in spans] == ["A dog.</s>"]
+    assert [prompt[s:e] for s, e in spans] == [" A dog.</s>"]  # from the space after "ASSISTANT:", as LLaVA
+
+
+def test_image_row_without_placeholder_is_kept_without_sentinel(tok):
+    """LLaVA keeps such rows (``tokenizer_image_token`` on a prompt with no ``<image>``): the same
+    ids and labels as the text-only rendering, no sentinel; ``plain`` refuses them (LLaVA asserts)."""
+    conv = chat(("What is this?", "A dog."), ("Sure?", "Yes."))
+    with_image = tokenize_conversation(conv, tok, "vicuna_v1", has_image=True, num_image_tokens=N_IMG)
+    text_only = tokenize_conversation(conv, tok, "vicuna_v1", has_image=False, num_image_tokens=N_IMG)
+    assert IMAGE_TOKEN_INDEX not in with_image["input_ids"].tolist()
+    assert with_image["input_ids"].tolist() == text_only["input_ids"].tolist()
+    assert with_image["labels"].tolist() == text_only["labels"].tolist()
+    assert not has_placeholder(conv) and has_placeholder(chat(("<image>\nQ", "A")))
+    with pytest.raises(ValueError, match="row p: row has an image but no <image>"):
+        tokenize_conversation(chat(("Describe.", "A dog.")), tok, "plain", True, row_id="p")
 
 
 def test_tokenize_row_uses_image_key(tok):
@@ -119,7 +134,6 @@ BAD_ROWS = {
     "image-in-answer": (chat(("Q", "A <image>")), False),
     "unknown-role": ([turn("human", "<image>\nQ"), turn("bot", "A")], True),
     "ends-with-human": (chat(("<image>\nQ", "A")) + [turn("human", "more?")], True),
-    "image-without-placeholder": (chat(("Q", "A")), True),
     "placeholder-without-image": (chat(("<image>\nQ", "A")), False),
     "not-a-string": ([turn("human", "<image>\nQ"), turn("gpt", None)], True),
 }

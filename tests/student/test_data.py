@@ -143,16 +143,51 @@ def test_items_equal_cache_hf_processor_and_prompt(ds, built, images, tok):
             assert np.abs(s["pixel_values"].numpy() - hf_pixels(images[rec.image_key])).max() <= 1e-6
 
 
-def test_text_only_rows_use_the_null_row_and_zero_pixels(ds, built):
+def test_text_only_rows_use_the_null_row_and_black_pixels(ds, built):
     null = synth.expected_decoded(built[1])[NULL_KEY]
     text_only = [i for i, m in enumerate(ds.modalities()) if not m]
     assert [ds.record(i).row_id for i in text_only] == ["t0", "t1"]
     for i in text_only:
         s = ds[i]
         assert s["key"] == NULL_KEY and s["has_image"] is False
-        assert torch.count_nonzero(s["pixel_values"]) == 0
+        # the released input: a black image through the student's CLIP processor, -mean/std
+        black = hf_pixels(np.zeros((336, 336, 3), np.uint8))
+        assert np.abs(s["pixel_values"].numpy() - black).max() <= 1e-6 and s["pixel_values"].max() < -1.4
         for name, want in null.items():
             np.testing.assert_array_equal(s["targets"][name].numpy(), want)
+
+
+def test_image_rows_without_placeholder_are_kept_and_counted(built, images, tok):
+    """As LLaVA: the row keeps its image (student pixels and cached targets of that image, so KD
+    and the balance loss apply) but has no sentinel and ``has_image`` (splice) False."""
+    manifest = built[1]
+    key = synth.shard_keys(manifest, 0)[0]
+    recs = make_records(manifest) + [
+        ConversationRecord("np", "toy.json", 99, chat("What is it?", "A cat.", False), key)
+    ]
+    ds = build(built, images, tok, recs)
+    assert ds.counts["image_without_placeholder"]["count"] == 1
+    assert "id np" in ds.counts["image_without_placeholder"]["examples"][0]
+    assert ds.counts["rows"] == len(ds) and ds.counts["rows_text_only"] == 2
+    i = next(i for i in range(len(ds)) if ds.record(i).row_id == "np")
+    s = ds[i]
+    assert ds.modalities()[i] is True and s["has_image"] is False and s["key"] == key
+    assert IMAGE_TOKEN not in s["input_ids"].tolist()
+    assert np.abs(s["pixel_values"].numpy() - hf_pixels(images[key])).max() <= 1e-6
+    np.testing.assert_array_equal(s["targets"]["eva"].numpy(), synth.expected_decoded(manifest)[key]["eva"])
+    batch = collate_distill([s, ds[0]], tok.pad_token_id)
+    assert batch["has_image"].tolist() == [False, True]
+
+
+def test_a_cache_with_the_old_zero_no_image_row_is_refused(tmp_path, images, tok):
+    path = str(tmp_path / "old")
+    manifest = synth.build_cache(path)
+    synth.downgrade_to_format_1(path)
+    cache = open_cache(path)  # still readable (inspect, verify)
+    assert cache.manifest.null_input == "zeros" and cache.manifest.format_version == 1
+    with pytest.raises(ValueError, match=r"null_input='zeros'.*--rewrite-null-row") as e:
+        build((path, manifest), images, tok)
+    assert "\n" not in str(e.value)
 
 
 def test_invalid_rows_are_skipped_and_counted(ds):
