@@ -27,7 +27,13 @@ from contextlib import contextmanager
 DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 # What writers that do not raise OSError say when the disk is full (torch's PytorchStreamWriter,
 # safetensors and zarr's async writers that re-raise as text).
-DISK_FULL_TEXTS = ("unexpected pos", "file write failed", "No space left on device", "Disk quota exceeded")
+DISK_FULL_TEXTS = (
+    "unexpected pos",
+    "file write failed",
+    "No space left on device",
+    "os error 28",
+    "Disk quota exceeded",
+)
 
 
 def free_bytes(path: str | os.PathLike) -> int | None:
@@ -86,7 +92,7 @@ def is_disk_full(exc: BaseException | None) -> bool:
             return True
         if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
             return True
-        if isinstance(exc, (RuntimeError, OSError)) and any(t in str(exc) for t in DISK_FULL_TEXTS):
+        if any(t in str(exc) for t in DISK_FULL_TEXTS):  # e.g. safetensors' SafetensorError, torch's RuntimeError
             return True
         exc = exc.__cause__ or exc.__context__
     return False
