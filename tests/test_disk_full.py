@@ -56,7 +56,7 @@ verb_args, cache = json.loads(sys.argv[1]), sys.argv[2]
 child = '''
 import sys
 import pipeline.extract as pe
-pe.run_extraction = lambda cfg, repair=False: pe.extract_in_process(cfg, repair=repair)
+pe.run_extraction = lambda cfg, **kw: pe.extract_in_process(cfg, **kw)  # no Ray cluster to start
 from jobs.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
