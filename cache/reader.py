@@ -250,8 +250,8 @@ class FeatureCache:
     def repair_hint(self) -> str:
         """What to do about a damaged committed shard (named in every such error)."""
         return (
-            f"run `movekd cache verify {self.location.url}` to list the damaged shards, delete their markers "
-            f"(_commits/shard-XXXXX.json) and rerun the same `movekd extract` command: it re-extracts exactly those"
+            f"`movekd cache verify {self.location.url}` lists the damaged shards and `movekd extract --config CONFIG "
+            f"--repair` (CONFIG: the extraction config that wrote this cache) re-extracts exactly those"
         )
 
     def file_problem(self, path: str, per_row_ndim: int, shard: int) -> str | None:

@@ -5,10 +5,17 @@ markers, channel statistics) with one rule: a file becomes visible complete or n
 Locally that is write-to-temp + ``os.replace`` (atomic on POSIX); on object stores a single PUT
 is already atomic, so fsspec's ``pipe`` suffices. Why not zarr's Store API for these files:
 its ``set`` is async-only and offers no atomic-rename guarantee for local files.
+
+Claims (``cache.claims``) also need *create-if-absent*: locally a complete temp file hard-linked
+to the final name (``link`` fails if the name exists, and the file is never seen half written;
+``O_CREAT|O_EXCL`` where hard links are not supported); on object stores fsspec's
+``pipe_file(mode="create")`` (a conditional PUT, e.g. S3 ``If-None-Match: *``) where the
+filesystem implements it, else a documented best effort (exists, PUT, read back).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from pathlib import Path
@@ -72,6 +79,80 @@ class Location:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` holding ``data`` only if it does not exist; True when this call created it.
+        Readers see the whole file or none (never a half-written one)."""
+        path = self._path(rel)
+        if self._fs is not None:
+            return self._create_exclusive_fs(path, data)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as e:  # a filesystem without hard links
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _create_exclusive_fs(self, path: str, data: bytes) -> bool:
+        try:
+            self._fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError, ValueError):
+            pass  # no conditional PUT on this filesystem: best effort (FORMAT.md section 6)
+        if self._fs.exists(path):
+            return False
+        self._fs.pipe_file(path, data)
+        return self._fs.cat_file(path) == data
+
+    def remove_if_unchanged(self, rel: str, expected: bytes) -> bool:
+        """Delete ``rel`` only if it still holds ``expected``; True when this call removed it.
+        Locally the file is first renamed aside (atomic: of two callers only one gets it), then
+        checked, and put back if it had changed meanwhile; on object stores a read-compare-delete
+        (best effort)."""
+        path = self._path(rel)
+        if self._fs is not None:
+            try:
+                if self._fs.cat_file(path) != expected:
+                    return False
+                self._fs.rm_file(path)
+                return True
+            except FileNotFoundError:
+                return False
+        aside = f"{path}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        with open(aside, "rb") as f:
+            same = f.read() == expected
+        if not same:
+            try:
+                os.link(aside, path)  # put a fresh file back unless someone has created another since
+            except FileExistsError:
+                pass
+        os.unlink(aside)
+        return same
+
     def size(self, rel: str) -> int | None:
         """Byte size of file ``rel``, or None when it does not exist (one stat / HEAD request)."""
         try:
@@ -89,6 +170,12 @@ class Location:
                 os.unlink(self._path(rel))
         except FileNotFoundError:
             pass
+
+    def free_bytes(self) -> int | None:
+        """Free bytes on the filesystem holding the root (None for object stores)."""
+        from cache.diskfull import free_bytes
+
+        return None if self._fs is not None else free_bytes(self._root)
 
     def list(self, rel: str) -> list[str]:
         """File names directly under ``rel`` (empty when it does not exist)."""

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cache.codecs import bf16_bits_to_float
-from cache.layout import COMMITS, array_specs, shard_file_key
+from cache.layout import COMMITS, MARKER_NAME, array_specs, shard_file_key
 from cache.marker import checksum
 from cache.reader import CacheError, FeatureCache
 
@@ -29,6 +29,7 @@ class VerifyReport:
     shards_checked: int = 0
     rows_sampled: int = 0
     notes: list[str] = field(default_factory=list)  # harmless findings (stray files), not problems
+    damaged: dict[int, list[str]] = field(default_factory=dict)  # shard -> its problems (what --repair redoes)
 
     @property
     def ok(self) -> bool:
@@ -44,6 +45,7 @@ class VerifyReport:
             "shards_checked": self.shards_checked,
             "rows_sampled": self.rows_sampled,
             "notes": self.notes,
+            "damaged_shards": sorted(self.damaged),
         }
 
 
@@ -58,7 +60,11 @@ def verify_cache(location: str | os.PathLike, sample: int = 16, seed: int = 0, p
     report.shards_total = m.num_shards + 1
     report.shards_committed = len(cache.commits)
     for name, why in sorted(cache.marker_problems.items()):
-        report.problems.append(f"{COMMITS}/{name}: unusable commit marker ({why}); its shard is not readable")
+        problem = f"{COMMITS}/{name}: unusable commit marker ({why}); its shard is not readable"
+        report.problems.append(problem)
+        shard = int(MARKER_NAME.fullmatch(name).group(1))
+        if shard <= m.num_shards:  # outside the manifest: nothing to re-extract
+            report.damaged.setdefault(shard, []).append(problem)
     report.notes += [f"{COMMITS}/{name}: not a commit marker, ignored" for name in cache.ignored_files]
     for shard in range(m.num_shards + 1):
         if shard not in cache.commits:
@@ -66,10 +72,23 @@ def verify_cache(location: str | os.PathLike, sample: int = 16, seed: int = 0, p
             report.problems.append(f"shard {shard:05d} ({what}): not committed (extraction incomplete)")
     specs = [spec for spec in array_specs(m) if not _check_array(cache, spec, report.problems)]
     for shard in tqdm(sorted(cache.commits), desc="verify shards", unit="shard", disable=not progress):
-        report.problems += _check_shard(cache, shard, specs)
+        problems = _check_shard(cache, shard, specs)
+        if problems:
+            report.problems += problems
+            report.damaged.setdefault(shard, []).extend(problems)
         report.shards_checked += 1
     report.rows_sampled = _check_sample(cache, sample, seed, report.problems)
     return report
+
+
+def damaged_shards(location: str | os.PathLike, progress: bool = False) -> dict[int, list[str]]:
+    """The shards ``verify`` finds damaged (unusable marker, missing/truncated file, checksum or
+    decode failure, NaN/Inf in a valid row), each with its problems: what ``movekd extract
+    --repair`` re-extracts. Raises CacheError when the cache itself cannot be opened."""
+    report = verify_cache(location, sample=0, progress=progress)
+    if report.problems and report.problems[0].startswith("cannot open: "):
+        raise CacheError(report.problems[0])
+    return report.damaged
 
 
 def _check_array(cache: FeatureCache, spec, problems: list[str]) -> bool:

@@ -4,12 +4,16 @@ Lifecycle (MosaicML-streaming style):
 
 1. ``CacheWriter.create(location, manifest)`` creates the group and every array (idempotent:
    opening an existing cache checks the manifest and refuses any difference, naming the field).
-2. ``write_shard(shard, keys, features, ...)`` first *removes* the shard's marker (so a rewrite
-   that dies midway never looks committed), writes every array's rows of that shard as whole zarr
-   shards, then writes the marker atomically: keys, failed keys with reasons, and a checksum of
-   every array's stored rows. Only markers make rows visible to readers.
+2. ``write_shard(shard, keys, features, ...)`` refuses a shard whose marker is valid (a committed
+   shard never vanishes under a reader; ``replace=True`` is the explicit repair), else *removes*
+   the shard's (unreadable) marker (so a rewrite that dies midway never looks committed), writes
+   every array's rows of that shard as whole zarr shards, then writes the marker atomically: keys,
+   failed keys with reasons, and a checksum of every array's stored rows. Only markers make rows
+   visible to readers.
 3. Several processes may write different shards at once: each zarr shard and marker is its own
-   file, and array metadata is only written by ``create``.
+   file, and array metadata is only written by ``create``. Drivers keep off each other's shards
+   with claims (``cache.claims``); two ``create`` calls racing on a new cache both succeed.
+4. A full disk is a ``DiskFullError`` naming the file and the free space (``cache.diskfull``).
 
 Checksums are blake2b over the *encoded* arrays (what zarr stores, before compression), so they
 are store-independent and ``verify`` catches both undecodable and silently changed shards.
@@ -29,13 +33,29 @@ import numpy as np
 import zarr
 
 from cache.codecs import NonFiniteError, check_finite, get_codec
-from cache.layout import CLS_ATTN, CLS_STATE, MARKER_NAME, TEACHERS, array_file_key, create_arrays, marker_name
+from cache.diskfull import disk_full_as_error
+from cache.layout import (
+    CLS_ATTN,
+    CLS_STATE,
+    MARKER_NAME,
+    TEACHERS,
+    array_file_key,
+    array_specs,
+    create_arrays,
+    marker_name,
+)
 from cache.manifest import ATTRS_KEY, CacheManifest
 from cache.marker import NULL_KEY, ShardCommit, checksum
-from cache.reader import load_manifest
+from cache.reader import CacheError, load_manifest
 from cache.store import Location
 
 log = logging.getLogger(__name__)
+
+CREATE_WAIT_S = 60.0  # how long ``open`` waits for arrays another driver is creating
+
+
+class ShardCommittedError(CacheError):
+    """A write of a shard whose marker is valid, without ``replace=True``."""
 
 
 class CacheWriter:
@@ -46,12 +66,19 @@ class CacheWriter:
 
     @classmethod
     def create(cls, location: str | os.PathLike, manifest: CacheManifest) -> CacheWriter:
-        """Create the cache, or open it if it exists with an identical manifest."""
+        """Create the cache, or open it if it exists with an identical manifest (also when another
+        driver creates it at the same moment)."""
         loc = Location(location)
         if loc.exists("zarr.json"):
             return cls.open(location, manifest)
-        group = zarr.open_group(loc.zarr_path, mode="w-", attributes={ATTRS_KEY: manifest.to_dict()})
-        create_arrays(group, manifest)
+        with disk_full_as_error(loc.url):
+            try:
+                group = zarr.open_group(loc.zarr_path, mode="w-", attributes={ATTRS_KEY: manifest.to_dict()})
+            except Exception:  # noqa: BLE001 - zarr's "already exists" types vary by store
+                if loc.exists("zarr.json"):  # another driver created it first
+                    return cls.open(location, manifest)
+                raise
+            create_arrays(group, manifest)
         log.info(
             "created cache %s (%d shards x %d rows, teachers %s)",
             loc.url,
@@ -67,6 +94,7 @@ class CacheWriter:
         loc = Location(location)
         existing, group = load_manifest(loc, mode="r+")
         existing.check_same(manifest, what=f"cache at {loc.url}")
+        _wait_for_arrays(loc, existing)
         return cls(loc, group, existing)
 
     @classmethod
@@ -101,6 +129,17 @@ class CacheWriter:
     def is_committed(self, shard: int) -> bool:
         return self.location.exists(marker_name(shard))
 
+    def valid_commit(self, shard: int) -> ShardCommit | None:
+        """The shard's marker when it is there and readable (None: absent or unusable)."""
+        raw = self.location.read_bytes(marker_name(shard))
+        if raw is None:
+            return None
+        try:
+            marker = ShardCommit.from_dict(json.loads(raw))
+        except (TypeError, ValueError, KeyError):
+            return None
+        return marker if marker.shard == shard else None
+
     # -- writing -----------------------------------------------------------------------------
     def write_shard(
         self,
@@ -111,13 +150,16 @@ class CacheWriter:
         cls_attn: np.ndarray | None = None,
         failed: Mapping[str, str] | None = None,
         nonfinite: str = "raise",
+        replace: bool = False,
     ) -> ShardCommit:
         """Write and commit one whole shard.
 
         ``keys`` are the shard's images in row order (failed ones included); ``features[t]`` is
         ``[len(keys), tokens, channels]`` per teacher; rows of ``failed`` keys are stored as zeros
         and marked invalid. ``nonfinite="raise"`` raises on NaN/Inf naming the images;
-        ``"mark_failed"`` records those images as failed instead.
+        ``"mark_failed"`` records those images as failed instead. A shard whose marker is valid is
+        refused (``ShardCommittedError``) unless ``replace=True`` (repairing it: readers then do
+        not see the shard until it is committed again).
         """
         failed = dict(failed or {})
         self._check_shard(shard, keys, failed)
@@ -129,7 +171,7 @@ class CacheWriter:
             x = feats[t.name].astype(np.float32, copy=True)
             x[bad] = 0
             encoded[t.name] = get_codec(t.codec).encode(x)
-        return self.write_encoded(shard, keys, encoded, cls_state, cls_attn, failed, nonfinite)
+        return self.write_encoded(shard, keys, encoded, cls_state, cls_attn, failed, nonfinite, replace)
 
     def write_encoded(
         self,
@@ -140,6 +182,7 @@ class CacheWriter:
         cls_attn: np.ndarray | None = None,
         failed: Mapping[str, str] | None = None,
         nonfinite: str = "raise",
+        replace: bool = False,
     ) -> ShardCommit:
         """Like ``write_shard`` for features already encoded with each teacher's codec
         (``encoded[teacher][component]`` = ``[len(keys), *component shape]``), so an extraction
@@ -156,27 +199,43 @@ class CacheWriter:
             self._check_values(keys, {}, cls_state, cls_attn, failed, nonfinite)
             arrays[CLS_STATE], arrays[CLS_ATTN] = cls_state.astype(np.float32), cls_attn.astype(np.float32)
         bad = np.array([k in failed for k in keys], dtype=bool)
-        self.location.delete(marker_name(shard))  # uncommit before touching data
-        checksums, files = {}, {}
-        for path, arr in arrays.items():
-            if bad.any():
-                arr = arr.copy()
-                arr[bad] = 0
-            checksums[path] = self._write_rows(path, start, stop, arr)
-            key = array_file_key(path, arr.ndim - 1, shard)
-            files[key] = self.location.size(key) or 0  # 0: all chunks equal the fill value, no file
-        commit = ShardCommit(
-            shard,
-            list(keys),
-            failed,
-            checksums,
-            time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            f"{socket.gethostname()}:{os.getpid()}",
-            files,
-        )
-        self.location.write_atomic(marker_name(shard), json.dumps(commit.to_dict()).encode())
+        if not replace:
+            self._refuse_committed(shard)
+        with disk_full_as_error(self.location.url):
+            self.location.delete(marker_name(shard))  # uncommit (an unreadable marker, or a repair)
+            for path, arr in arrays.items():  # start from no file: zarr would merge into a damaged one
+                self.location.delete(array_file_key(path, arr.ndim - 1, shard))
+            checksums, files = {}, {}
+            for path, arr in arrays.items():
+                if bad.any():
+                    arr = arr.copy()
+                    arr[bad] = 0
+                checksums[path] = self._write_rows(path, start, stop, arr)
+                key = array_file_key(path, arr.ndim - 1, shard)
+                files[key] = self.location.size(key) or 0  # 0: all chunks equal the fill value, no file
+            commit = ShardCommit(
+                shard,
+                list(keys),
+                failed,
+                checksums,
+                time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                f"{socket.gethostname()}:{os.getpid()}",
+                files,
+            )
+            if not replace:
+                self._refuse_committed(shard)  # committed by another writer meanwhile: keep its marker
+            self.location.write_atomic(marker_name(shard), json.dumps(commit.to_dict()).encode())
         log.debug("committed shard %d (%d rows, %d failed)", shard, len(keys), len(failed))
         return commit
+
+    def _refuse_committed(self, shard: int) -> None:
+        existing = self.valid_commit(shard)
+        if existing is not None:
+            raise ShardCommittedError(
+                f"{self.location.url}: shard {shard:05d} is already committed (by {existing.writer or 'unknown'} "
+                f"at {existing.written_at or 'unknown time'}); a rewrite would uncommit it under its readers. "
+                f"To re-extract a damaged shard use `movekd extract --config CONFIG --repair` (write with replace=True)"
+            )
 
     def _encoded_arrays(self, keys, encoded) -> dict[str, np.ndarray]:
         names = set(self.manifest.teacher_names)
@@ -195,10 +254,12 @@ class CacheWriter:
                 arrays[f"{TEACHERS}/{t.name}/{comp.name}"] = arr
         return arrays
 
-    def write_null(self, features: Mapping[str, np.ndarray], cls_state=None, cls_attn=None) -> ShardCommit:
+    def write_null(
+        self, features: Mapping[str, np.ndarray], cls_state=None, cls_attn=None, replace: bool = False
+    ) -> ShardCommit:
         """Write the reserved "no image" row (the teachers' outputs for the input the manifest's
-        ``null_input`` names)."""
-        return self.write_shard(self.manifest.num_shards, [NULL_KEY], features, cls_state, cls_attn)
+        ``null_input`` names); ``replace=True`` rewrites a committed one (``--rewrite-null-row``)."""
+        return self.write_shard(self.manifest.num_shards, [NULL_KEY], features, cls_state, cls_attn, replace=replace)
 
     def _write_rows(self, path: str, start: int, stop: int, arr: np.ndarray) -> str:
         """Write rows [start, start+len(arr)) padded with zeros to the whole zarr shard."""
@@ -282,3 +343,17 @@ def _with_alpha(manifest: CacheManifest, alphas: Mapping) -> CacheManifest:
         for t in manifest.teachers
     )
     return dataclasses.replace(manifest, teachers=teachers)
+
+
+def _wait_for_arrays(loc: Location, manifest: CacheManifest) -> None:
+    """Wait (up to ``CREATE_WAIT_S``) until every array's metadata exists: a driver that found the
+    group a moment after another one created it must not write before the arrays are there."""
+    deadline = time.monotonic() + CREATE_WAIT_S
+    for spec in array_specs(manifest):
+        while not loc.exists(f"{spec.path}/zarr.json"):
+            if time.monotonic() > deadline:
+                raise CacheError(
+                    f"{loc.url}: array {spec.path} is missing (the driver that created this cache died while "
+                    f"creating it?); delete the cache and rerun"
+                )
+            time.sleep(0.1)

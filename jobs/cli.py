@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # verb -> module; imported lazily so `movekd cache ...` never pays for importing torch or ray.
@@ -95,18 +96,23 @@ def user_error(prog: str, message: object) -> int:
 
 # What the error boundary reports as a user's mistake (one line, exit 2): the project raises
 # ValueError (and its subclasses CacheError, ManifestError, ...) for bad input, configs and data;
-# the OS errors are paths that do not exist or cannot be used. Anything else is a bug: traceback.
+# the OS errors are paths that do not exist or cannot be used, and a full disk (a DiskFullError
+# from the writer that hit it, or any ENOSPC that escaped one). Anything else is a bug: traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def guarded(prog: str, run, args, debug: bool = False) -> int:
     """Run a verb inside the error boundary: a known user error is one line on stderr and exit
     code 2 (``--debug``: the traceback instead); Ctrl-C is one line and 130."""
+    from cache.diskfull import DiskFullError, is_disk_full
+
     try:
         return int(run(args) or 0)
-    except USER_ERRORS as e:
-        if debug:
+    except Exception as e:
+        if debug or not (isinstance(e, USER_ERRORS) or is_disk_full(e)):
             raise
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            e = DiskFullError(getattr(e, "filename", None) or os.getcwd())
         msg = str(e) or type(e).__name__
         if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
             msg = f"{e.filename}: {msg}"

@@ -24,7 +24,9 @@ log = logging.getLogger("movekd.extract")
 
 HELP = """Run every teacher once per unique image of a packed dataset and write the feature cache.
 Resumes by itself: shards already committed in the cache are skipped; a cache written with a
-different configuration (teachers, codec, preprocessing, dataset) is refused."""
+different configuration (teachers, codec, preprocessing, dataset) is refused. Two runs on one
+cache share its shards (each claims a shard before working on it). A damaged cache is repaired
+with --repair. A full disk stops the run with one line naming the path and the free space."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="recompute only the cache's no-image row (the released black input) and upgrade its manifest: "
         "the fix for a cache written by an older movekd with the all-zero input (cache/FORMAT.md section 2)",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="also re-extract every committed shard that `movekd cache verify` finds damaged (unusable marker, "
+        "missing or truncated data file, checksum mismatch), and only those; reads the whole cache once",
     )
     p.add_argument(
         "--dry-run",
@@ -133,12 +141,14 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.extract import run_extraction, summarize
 
     try:
-        report = run_extraction(cfg)
+        report = run_extraction(cfg, repair=args.repair)
     except ManifestMismatchError as e:
         return user_error("movekd extract", f"refusing to resume: {e}")
     except ValueError as e:  # a config that cannot run (e.g. no packed/out), named by the message
         return user_error("movekd extract", e)
-    print(summarize(report))
+    print(summarize(report, repair_command(args)))
+    if report.stopped:
+        print(f"movekd extract: {report.stopped}", file=sys.stderr)
     return 0 if report.ok else 1
 
 
@@ -155,6 +165,14 @@ def _rewrite_null_row(cfg) -> int:
         return user_error("movekd extract --rewrite-null-row", e)
     print(f"rewrote the no-image row of {cfg.out} in {summary['seconds']:.1f} s (manifest null_input=black)")
     return 0
+
+
+def repair_command(args: argparse.Namespace) -> str:
+    """This run's own command line with --repair: what re-extracts the damaged shards."""
+    parts = ["movekd extract", f"--config {args.config}"]
+    parts += [f"--set {o}" for o in args.overrides]
+    parts += [f"--{k} {v}" for k in ("packed", "out") if (v := getattr(args, k))]
+    return " ".join([*parts, "--repair"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -252,11 +252,14 @@ def run(args: argparse.Namespace) -> int:
         log.info("resuming from %s", latest)
     elif args.resume:
         log.info("--resume auto: no checkpoint in %s yet, starting a new run", cfg.output_dir)
+    from cache.diskfull import DiskFullError, disk_full_as_error
+
     dist_info = init_distributed()
     try:
-        trainer, tokenizer = build_training(cfg, dist_info, args.online_teachers)
-        state = trainer.train(resume=bool(args.resume))
-    except ValueError as e:  # bad cache/config/checkpoint: one clear line, no traceback
+        with disk_full_as_error(cfg.output_dir):  # logs, plots: checkpoints name their own folder
+            trainer, tokenizer = build_training(cfg, dist_info, args.online_teachers)
+            state = trainer.train(resume=bool(args.resume))
+    except (ValueError, DiskFullError) as e:  # bad cache/config/checkpoint, full disk: one line, no traceback
         shutdown_distributed(barrier=False)  # peers may never reach a barrier now: do not wait for them
         return user_error("movekd train", e)
     shutdown_distributed()
@@ -266,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
             from student.export import export_pretrained
 
             inference = {"template": cfg.template, "preprocess": student_preprocess(cfg).to_dict()}
-            out = export_pretrained(trainer.model, os.path.join(cfg.output_dir, "export"), tokenizer, inference)
+            with disk_full_as_error(os.path.join(cfg.output_dir, "export")):
+                out = export_pretrained(trainer.model, os.path.join(cfg.output_dir, "export"), tokenizer, inference)
             print(f"exported the trained student to {out} (load with student.export.load_pretrained)")
     return 0
 

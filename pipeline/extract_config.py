@@ -26,6 +26,9 @@ class ExtractConfig:
     or ``pad``), when set, overrides every teacher's LLaVA aspect mode; ``alpha`` (``drop``, as
     released, or ``white``), when set, every teacher's alpha mode. ``num_workers`` actors are
     started, each with ``gpus_per_worker`` GPUs (``device: cuda``) or ``cpus_per_worker`` CPUs.
+    A failed shard is retried after ``retry_backoff_s``, doubling per attempt up to
+    ``retry_backoff_max_s``. ``claim_lease_s`` is how long a shard claim lasts unless renewed
+    (FORMAT.md section 6): a driver that died on another host blocks its shards that long.
     """
 
     packed: str | None
@@ -46,6 +49,9 @@ class ExtractConfig:
     prefetch_batches: int = 2
     max_shard_retries: int = 2
     worker_start_timeout_s: float = 1800.0  # a worker not started (placed + teachers loaded) by then: error
+    retry_backoff_s: float = 2.0
+    retry_backoff_max_s: float = 60.0
+    claim_lease_s: float = 120.0
     ray_address: str | None = None
     ray_num_cpus: int | None = None
     report: str | None = None
@@ -78,6 +84,15 @@ class ExtractConfig:
         for k in ("batch_size", "num_workers", "decode_threads", "prefetch_batches"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("retry_backoff_s", "retry_backoff_max_s"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.claim_lease_s < 1:
+            raise ValueError(f"claim_lease_s must be >= 1 (seconds), got {self.claim_lease_s}")
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds to wait before retrying a shard that failed ``attempt`` times (exponential, capped)."""
+        return min(self.retry_backoff_max_s, self.retry_backoff_s * 2 ** (attempt - 1))
 
     def codec_for(self, teacher: str) -> str:
         return self.codecs.get(teacher, self.codec)

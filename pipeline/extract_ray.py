@@ -6,8 +6,11 @@ Decisions:
   teachers; its manifest is shipped to each actor ONCE (``ShardExtractor.bind``), not with every
   shard. Actor calls run in submission order, so a replacement actor is bound before its first
   shard.
-- An actor that dies is replaced and its shard retried (bounded by ``max_shard_retries``); a
-  shard that keeps failing is reported and the job ends non-zero without losing committed shards.
+- An actor that dies is replaced and its shard retried (bounded by ``max_shard_retries``, after
+  an exponential, capped delay); a shard that keeps failing is reported and the job ends non-zero
+  without losing committed shards. A full disk stops handing out shards (``ShardQueue.disk_full``).
+- Shards are claimed before they are handed out (``pipeline.extract_queue``): a second driver on
+  the same cache leaves them alone.
 - Ray runs embedded (a local cluster bound to 127.0.0.1) unless ``ray_address`` names a cluster
   (the CLI sets ``auto`` when started by ``ray job submit``, which exports RAY_ADDRESS).
 - Every Ray worker process runs ``movekd_compat.ensure_torchvision_importable`` before any actor
@@ -22,10 +25,11 @@ import logging
 import os
 import sys
 import time
-from collections import deque
 
+from cache.diskfull import is_disk_full
 from pipeline.extract_config import ExtractConfig
 from pipeline.extract_plan import ExtractPlan, check_inputs, plan
+from pipeline.extract_queue import ShardQueue
 from pipeline.extract_report import ExtractReport, ShardTracker, write_report
 
 log = logging.getLogger(__name__)
@@ -69,7 +73,7 @@ def init_ray(cfg: ExtractConfig) -> None:
         ray.init(address=cfg.ray_address, configure_logging=False, runtime_env=WORKER_RUNTIME_ENV)
 
 
-def run_on_ray(cfg: ExtractConfig) -> ExtractReport:
+def run_on_ray(cfg: ExtractConfig, repair: bool = False) -> ExtractReport:
     """Run (or resume) an extraction on Ray; returns the report (``report.ok`` tells success)."""
     import ray
 
@@ -79,7 +83,7 @@ def run_on_ray(cfg: ExtractConfig) -> ExtractReport:
     check_cluster(cfg)  # before loading any teacher: unplaceable workers would wait forever
     pool = _ActorPool(cfg)
     try:
-        p = plan(cfg, ray.get(pool.actors[0].describe.remote()), packed)
+        p = plan(cfg, ray.get(pool.actors[0].describe.remote()), packed, repair=repair)
         pool.bind(p.manifest.to_dict())
         report = p.new_report()
         _run_shards(pool, p, report, cfg)
@@ -188,31 +192,40 @@ def _run_shards(pool: _ActorPool, p: ExtractPlan, report: ExtractReport, cfg: Ex
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    queue, attempts = deque(p.todo), dict.fromkeys(p.todo, 0)
     tracker = ShardTracker(report, list(p.todo), p.images_todo, p.manifest.num_shards, cfg.progress)
+    queue = ShardQueue(p, cfg, tracker)
     running: dict = {}  # ObjectRef -> (actor index, shard)
     idle = list(range(len(pool.actors)))
     try:
-        while queue or running:
-            while queue and idle:
-                i, shard = idle.pop(), queue.popleft()
-                running[pool.actors[i].process.remote(shard)] = (i, shard)
-            ready, _ = ray.wait(list(running), num_returns=1)
+        while not queue.empty or running:
+            while idle and (shard := queue.next()) is not None:
+                i = idle.pop()
+                running[pool.actors[i].process.remote(shard, queue.replace(shard))] = (i, shard)
+            if not running:
+                time.sleep(queue.wait_s())
+                continue
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=queue.wait_s() if not queue.empty else None)
+            if not ready:
+                continue
             i, shard = running.pop(ready[0])
             idle.append(i)
             try:
-                tracker.done(shard, ray.get(ready[0]))
+                summary = ray.get(ready[0])
             except (RayActorError, RayTaskError) as e:
                 died = isinstance(e, RayActorError)
-                attempts[shard] += 1
                 reason = f"{'worker died' if died else 'error'}: {str(e).strip().splitlines()[-1][:300]}"
-                log.warning("shard %d attempt %d failed (%s)", shard, attempts[shard], reason)
+                log.warning("shard %d attempt %d failed (%s)", shard, queue.attempts.get(shard, 0) + 1, reason)
                 if died:
                     pool.replace(i)
-                if attempts[shard] <= cfg.max_shard_retries:
-                    queue.append(shard)
-                else:
+                cause = getattr(e, "cause", None)
+                if is_disk_full(cause) or "No space left on device" in str(e):
+                    queue.disk_full(shard, cause if is_disk_full(cause) else e)
+                elif not queue.retry(shard):
                     tracker.failed(shard, reason)
+                continue
+            queue.finish(shard)
+            tracker.done(shard, summary)
     finally:
+        queue.close()
         tracker.close()
     report.worker_restarts = pool.restarts

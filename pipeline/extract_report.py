@@ -8,14 +8,18 @@ same fields, progress and summary whichever ran it. The report is written into t
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from cache.diskfull import DiskFullError, disk_full_as_error
 from cache.store import Location
 from pipeline.extract_config import ExtractConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,10 +34,14 @@ class ExtractReport:
     failed_images: dict[str, str] = field(default_factory=dict)
     worker_restarts: int = 0
     seconds: float = 0.0
+    shards_by_others: dict[int, str] = field(default_factory=dict)  # committed by another driver meanwhile
+    shards_damaged: dict[int, str] = field(default_factory=dict)  # found damaged, not repaired (no --repair)
+    shards_repaired: list[int] = field(default_factory=list)  # damaged shards this run re-extracts
+    stopped: str | None = None  # why the run stopped before its plan was done (a full disk)
 
     @property
     def ok(self) -> bool:
-        return not self.shards_failed
+        return not self.shards_failed and not self.shards_damaged and self.stopped is None
 
     def to_dict(self) -> dict:
         images = sum(s["images"] for s in self.shards_done.values())
@@ -53,6 +61,10 @@ class ExtractReport:
             "images_failed": self.failed_images,
             "images_per_second": round(images / self.seconds, 3) if self.seconds else None,
             "worker_restarts": self.worker_restarts,
+            "shards_by_other_drivers": {str(k): v for k, v in sorted(self.shards_by_others.items())},
+            "shards_damaged": {str(k): v for k, v in sorted(self.shards_damaged.items())},
+            "shards_repaired": sorted(self.shards_repaired),
+            "stopped": self.stopped,
             "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
             "per_shard": {str(k): v for k, v in sorted(self.shards_done.items())},
         }
@@ -67,6 +79,9 @@ class ShardTracker:
         self.t_start = time.perf_counter()
 
     def done(self, shard: int, summary: dict) -> None:
+        if "by_other" in summary:
+            self.by_other(shard, summary["by_other"])
+            return
         r = self.report
         r.shards_done[shard] = summary
         r.failed_images.update(summary["failed"])
@@ -82,22 +97,41 @@ class ShardTracker:
     def failed(self, shard: int, reason: str) -> None:
         self.report.shards_failed[shard] = reason
 
+    def by_other(self, shard: int, why: str) -> None:
+        """``shard`` was committed by another driver: nothing to do here."""
+        self.report.shards_by_others[shard] = why
+
     def close(self) -> None:
         self.bar.close()
 
 
 def write_report(cfg: ExtractConfig, report: ExtractReport) -> None:
+    """The report into the cache and, if asked, to ``cfg.report``; on a full disk a warning (the
+    summary is still printed, and the run already ends non-zero)."""
     doc = json.dumps(report.to_dict(), indent=2).encode()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    Location(cfg.out).write_atomic(f"_reports/extract-{stamp}.json", doc)
+    rel = f"_reports/extract-{stamp}.json"
+    targets = [(f"{cfg.out}/{rel}", lambda: Location(cfg.out).write_atomic(rel, doc))]
     if cfg.report:
-        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.report).write_bytes(doc)
+        targets.append((cfg.report, lambda: _write_file(cfg.report, doc)))
+    for where, write in targets:
+        try:
+            with disk_full_as_error(where):
+                write()
+        except DiskFullError as e:
+            log.warning("the run report was not written: %s", e)
 
 
-def summarize(report: ExtractReport) -> str:
-    """A few lines a person reads at the end of a run."""
+def _write_file(path: str, doc: bytes) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(doc)
+
+
+def summarize(report: ExtractReport, repair_command: str | None = None) -> str:
+    """A few lines a person reads at the end of a run. ``repair_command`` is the command that
+    re-extracts damaged shards (the CLI passes its own ``--config``)."""
     d = report.to_dict()
+    repair = repair_command or "movekd extract --config CONFIG --repair"
     lines = [
         f"cache: {d['cache']}",
         f"shards: {len(d['shards_done'])} written, {len(d['shards_skipped'])} already committed, "
@@ -105,10 +139,22 @@ def summarize(report: ExtractReport) -> str:
         f"images: {d['images_processed']} processed, {len(d['images_failed'])} failed, "
         f"{d['images_per_second']} img/s over {d['seconds']} s, worker restarts: {d['worker_restarts']}",
     ]
+    if d["shards_by_other_drivers"]:
+        owners = sorted(set(d["shards_by_other_drivers"].values()))
+        n = len(d["shards_by_other_drivers"])
+        lines.append(f"  {n} shards were committed by another driver: {', '.join(owners)}")
+    if d["shards_repaired"]:
+        lines.append(f"  repaired (re-extracted) damaged shards: {d['shards_repaired']}")
     for key, why in list(d["images_failed"].items())[:10]:
         lines.append(f"  failed image {key}: {why}")
     for shard, why in d["shards_failed"].items():
         lines.append(f"  FAILED shard {shard}: {why}")
+    for shard, why in d["shards_damaged"].items():
+        lines.append(f"  DAMAGED shard {shard} (not counted as committed): {why}")
+    if d["shards_damaged"]:
+        lines.append(f"  re-extract the damaged shards (and only those) with: {repair}")
+    if d["stopped"]:
+        lines.append(f"  STOPPED: {d['stopped']}")
     if d["stage_seconds"]:
         lines.append(
             "time per stage (s, summed over workers): "

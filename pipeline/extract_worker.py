@@ -30,7 +30,7 @@ from cache.codecs import NonFiniteError, get_codec
 from cache.manifest import CacheManifest, PreprocessSpec
 from cache.marker import NULL_KEY
 from cache.preprocess import null_image_tensor, preprocess_image
-from cache.writer import CacheWriter
+from cache.writer import CacheWriter, ShardCommittedError
 from pipeline.extract_config import ExtractConfig
 from pipeline.packed_dataset import PackedDataset
 from pipeline.teachers import build_teacher
@@ -79,11 +79,16 @@ class ShardExtractor:
         self._writer = writer
 
     # -- one shard ---------------------------------------------------------------------------
-    def process(self, shard: int) -> dict:
-        """Extract, write and commit cache shard ``shard``; returns a small summary."""
+    def process(self, shard: int, replace: bool = False) -> dict:
+        """Extract, write and commit cache shard ``shard``; returns a small summary.
+
+        A shard found committed (by another driver) is not computed again: the summary then says
+        ``by_other`` with the marker's writer. ``replace`` (a repair) rewrites it anyway."""
         if self._writer is None:
             raise RuntimeError("ShardExtractor.process before bind(manifest): make a plan first (pipeline.extract)")
         writer, manifest = self._writer, self._writer.manifest
+        if not replace and (done := writer.valid_commit(shard)) is not None:
+            return {"shard": shard, "by_other": done.writer or "another driver"}
         t0 = time.perf_counter()
         times: dict[str, float] = defaultdict(float)
         if shard == manifest.num_shards:
@@ -91,7 +96,11 @@ class ShardExtractor:
         else:
             keys, failed, enc, cls = self._run_shard(shard, times)
         t_write = time.perf_counter()
-        writer.write_encoded(shard, keys, enc, *cls, failed=failed)
+        try:
+            writer.write_encoded(shard, keys, enc, *cls, failed=failed, replace=replace)
+        except ShardCommittedError:  # another driver committed it while this one computed
+            done = writer.valid_commit(shard)
+            return {"shard": shard, "by_other": (done.writer if done else "") or "another driver"}
         times["write"] += time.perf_counter() - t_write
         total = time.perf_counter() - t0
         return {

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from cache.diskfull import disk_full_as_error
 from pipeline import packing_io as io_
 from pipeline.image_checks import CheckCache, ImageCheck, check_image
 from pipeline.llava_data import LlavaRows, Problem, read_llava_json
@@ -248,6 +249,11 @@ def pack_dataset(
     if not json_paths:
         raise ValueError("give at least one LLaVA JSON file (--data)")
     workers = workers or min(8, os.cpu_count() or 1)
+    with disk_full_as_error(os.path.abspath(out_dir)):  # a full disk: one line with the free space
+        return _pack(list(json_paths), image_root, out_dir, shard_size, workers, name, progress)
+
+
+def _pack(json_paths, image_root, out_dir, shard_size, workers, name, progress) -> PackResult:
     os.makedirs(out_dir, exist_ok=True)
     files = _read_inputs(list(json_paths))
     refs = _path_refs(files)

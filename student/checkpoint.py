@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cache.diskfull import DiskFullError, disk_full_as_error
 from cache.manifest import diff_dicts
 from student.config import TrainConfig
 from student.trainable import new_module_parameter_names
@@ -308,8 +309,24 @@ def save_checkpoint(
     barrier: Callable[[], None] = _noop,
     sampler_state: dict | None = None,
 ) -> Path:
-    """Write ``step-N/`` atomically (every rank calls this; rank 0 writes the shared files)."""
+    """Write ``step-N/`` atomically (every rank calls this; rank 0 writes the shared files).
+
+    A full disk is a ``DiskFullError`` naming the checkpoint folder and the free space (torch's
+    zip writer says only "unexpected pos"); the partial ``step-N.tmp/`` is removed, the previous
+    checkpoints are untouched."""
     root = Path(root)
+    tmp = root / f"{step_dir_name(state.step)}.tmp"
+    try:
+        with disk_full_as_error(tmp):
+            parts = (state, model, optimizer, scheduler, fp, cfg)
+            return _save_checkpoint(root, *parts, rank=rank, barrier=barrier, sampler_state=sampler_state)
+    except DiskFullError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # give back what the partial save took
+        raise
+
+
+def _save_checkpoint(root: Path, state, model, optimizer, scheduler, fp, cfg, *, rank, barrier, sampler_state) -> Path:
     name = step_dir_name(state.step)
     tmp, final = root / f"{name}.tmp", root / name
     weights, optim = gather_weights(model), optimizer_state(model, optimizer)  # collectives first

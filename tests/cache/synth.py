@@ -104,11 +104,17 @@ def default_failed(manifest: CacheManifest, shard: int) -> dict[str, str]:
     return {}
 
 
-def write_shard(writer: CacheWriter, shard: int, seed: int = 0, with_failed: bool = True):
+def write_shard(writer: CacheWriter, shard: int, seed: int = 0, with_failed: bool = True, replace: bool = False):
     data = shard_data(writer.manifest, shard, seed)
     failed = default_failed(writer.manifest, shard) if with_failed else None
     return writer.write_shard(
-        shard, data["keys"], data["features"], data.get("cls_state"), data.get("cls_attn"), failed=failed
+        shard,
+        data["keys"],
+        data["features"],
+        data.get("cls_state"),
+        data.get("cls_attn"),
+        failed=failed,
+        replace=replace,
     )
 
 

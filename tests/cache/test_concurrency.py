@@ -42,7 +42,7 @@ if stall:
         time.sleep(120)
         return out
     CacheWriter._write_rows = stalled
-synth.write_shard(writer, shards[-1])
+synth.write_shard(writer, shards[-1], replace=True)  # a repair when the shard is committed
 print("DONE", flush=True)
 """
 

@@ -37,6 +37,7 @@ def test_clean_cache_verifies(cache_path):
         "shards_checked": 4,
         "rows_sampled": 11,  # 10 valid images + the no-image row
         "notes": [],
+        "damaged_shards": [],
     }
 
 

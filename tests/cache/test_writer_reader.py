@@ -110,7 +110,9 @@ def test_rewriting_a_shard_is_idempotent(tmp_path, manifest):
     synth.build_cache(path, manifest)
     before = open_cache(path)
     first = before.read(before.keys(), allow_invalid=True)
-    commit = synth.write_shard(CacheWriter.open(path, manifest), 1)
+    with pytest.raises(CacheError, match="shard 00001 is already committed .* --repair"):
+        synth.write_shard(CacheWriter.open(path, manifest), 1)  # never uncommits a valid shard by accident
+    commit = synth.write_shard(CacheWriter.open(path, manifest), 1, replace=True)
 
     def content(c):  # a rewrite's marker equals the old one but for when/where it was written
         return dataclasses.replace(c, written_at="", writer="")

@@ -255,26 +255,35 @@ def test_writer_refuses_nonfinite_cls_rows_of_valid_images(tmp_path):
 
 
 def test_in_process_runner_resumes_and_reports_a_failing_shard(tmp_path, tiny_specs, packed, monkeypatch):
+    """A failing shard is retried after an exponential, capped backoff (the other shards run
+    meanwhile), then reported; a rerun does only what is missing."""
+    import time
+
     cfg = ExtractConfig(
         packed=packed.root,
         out=str(tmp_path / "cache"),
         teachers=(tiny_specs["clip"],),
         progress=False,
-        max_shard_retries=1,
+        max_shard_retries=2,
+        retry_backoff_s=0.3,
+        retry_backoff_max_s=0.4,
     )
+    assert [cfg.retry_delay(a) for a in (1, 2, 3)] == [0.3, 0.4, 0.4]
     worker = ShardExtractor(cfg)
     real, calls = worker.process, []
 
-    def flaky(shard):
-        calls.append(shard)
+    def flaky(shard, replace=False):
+        calls.append((shard, time.monotonic()))
         if shard == 1:
             raise OSError("disk hiccup")
-        return real(shard)
+        return real(shard, replace)
 
     monkeypatch.setattr(worker, "process", flaky)
     report = extract_in_process(cfg, worker)
     assert not report.ok and report.shards_failed == {1: "error: OSError: disk hiccup"}
-    assert sorted(report.shards_done) == [0, 2] and calls == [0, 1, 1, 2]  # one retry of shard 1
+    assert sorted(report.shards_done) == [0, 2] and [s for s, _ in calls] == [0, 1, 2, 1, 1]  # two retries of 1
+    tries = [t for s, t in calls if s == 1]
+    assert tries[1] - tries[0] >= 0.3 and tries[2] - tries[1] >= 0.4  # backed off, not burnt in a second
     monkeypatch.setattr(worker, "process", real)
     again = extract_in_process(cfg, worker)  # a rerun does only what is missing
     assert again.ok and sorted(again.shards_done) == [1] and again.shards_skipped == [0, 2]
