@@ -137,8 +137,13 @@ def test_rewrite_null_row_fixes_an_old_cache_and_nothing_else(tmp_path, tiny_spe
     res = m.teachers[0].preprocess.resolution
     old = teacher.encode(torch.zeros(1, 3, res, res))  # what format 1 stored
     writer = CacheWriter.open(cfg.out, m)
-    writer.write_shard(
-        m.num_shards, [NULL_KEY], {"clip": old.tokens.numpy()}, old.cls_state.numpy(), old.cls_attn.numpy()
+    writer.write_shard(  # replace=True: the committed black row becomes the old zero one
+        m.num_shards,
+        [NULL_KEY],
+        {"clip": old.tokens.numpy()},
+        old.cls_state.numpy(),
+        old.cls_attn.numpy(),
+        replace=True,
     )
     downgrade_to_format_1(cfg.out)
     markers = {
