@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.image_checks import DEFAULT_MAX_PIXELS
 from pipeline.packing import DEFAULT_SHARD_SIZE, format_summary, pack_dataset
 
 
@@ -42,6 +43,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="N",
         help="threads for hashing/decoding checks and shard writing (default: CPUs, at most 8)",
     )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"reject images of more than N pixels (width x height) as too_large, read from the header "
+        f"before decoding: a decompression-bomb guard (default {DEFAULT_MAX_PIXELS:,}, Pillow's own "
+        "threshold; a larger N is recorded in the index and allowed wherever the pack is read)",
+    )
     p.add_argument("--name", default=None, help="dataset name for the index (default: JSON stems)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -58,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             name=args.name,
             progress=not args.no_progress,
+            max_pixels=args.max_pixels,
         )
     except ValueError as e:
         print(f"movekd pack: error: {e}", file=sys.stderr)

@@ -14,6 +14,15 @@ Decisions:
 - Checks run in a thread pool: hashing and Pillow's decoders release the GIL, and threads need no
   pickling of results. Pillow's per-file warnings (EXIF chatter, large images) are silenced by
   the caller around the whole pool: ``warnings.catch_warnings`` is not thread-safe per call.
+- A pixel limit replaces Pillow's anonymous decompression-bomb warning: an image of more than
+  ``max_pixels`` (default ``DEFAULT_MAX_PIXELS``, Pillow's own warning threshold, ~9459x9459) is
+  rejected as ``too_large`` with its file and size, from the header alone (nothing is decoded).
+  A larger limit also raises Pillow's threshold (``allow_pixels``, process-wide and only ever
+  upwards), here and in every process that decodes the pack (the index records the limit).
+  Pillow's own (anonymous) warning is silenced by the caller around the pool, with the others.
+- Animated images (GIF, APNG, WebP) are packed whole but teachers see frame 1: ``animated`` warning.
+- Results are cached in ``_checks.jsonl`` whose header records the version and the pixel limit:
+  a different limit re-checks every file.
 """
 
 from __future__ import annotations
@@ -29,12 +38,16 @@ from PIL import Image, ImageFile
 
 from pipeline.llava_data import PATH_REJECTED, resolve_inside
 
-CHECKS_VERSION = 1
+CHECKS_VERSION = 2
+# Pillow's own decompression-bomb warning threshold (Image.MAX_IMAGE_PIXELS as shipped).
+DEFAULT_MAX_PIXELS = 89_478_485
 MISSING = "missing"
 EMPTY = "empty"
 UNREADABLE = "unreadable"
 FORMAT_MISMATCH = "format_mismatch"
 COLOR_MODE = "color_mode"
+TOO_LARGE = "too_large"
+ANIMATED = "animated"
 
 # Pillow format -> tar member extension (the sample's real format).
 FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
@@ -83,16 +96,53 @@ class ImageCheck:
         return cls(**{**d, "warnings": tuple(tuple(w) for w in d.get("warnings", ()))})
 
 
-def _decode(path: str, data: bytes) -> ImageCheck:
+def allow_pixels(max_pixels: int | None) -> None:
+    """Let Pillow open images of up to ``max_pixels`` without its bomb warning (never lowers it).
+
+    Pillow's threshold is process-wide (``Image.MAX_IMAGE_PIXELS``); its hard error is at twice it.
+    """
+    if max_pixels is None:
+        return
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and max_pixels > current:
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
+def check_max_pixels(max_pixels: object) -> int:
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels (--max-pixels) must be a positive integer, got {max_pixels!r}")
+    return max_pixels
+
+
+def _too_large(path: str, w: int, h: int, max_pixels: int) -> ImageCheck:
+    return ImageCheck(
+        path,
+        width=w,
+        height=h,
+        category=TOO_LARGE,
+        error=f"{w}x{h} = {w * h:,} pixels is over the pixel limit of {max_pixels:,} "
+        "(a possible decompression bomb; raise --max-pixels to pack it)",
+    )
+
+
+def _decode(path: str, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageCheck:
     try:
         with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size  # from the header: a bomb is refused before anything is decoded
+            if w * h > max_pixels:
+                return _too_large(path, w, h, max_pixels)
             im.verify()
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             fmt, mode, (w, h) = im.format, im.mode, im.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            frames = int(getattr(im, "n_frames", 1) or 1)
+    except Image.DecompressionBombError as e:  # over twice Pillow's threshold: size from its message
+        return ImageCheck(path, category=TOO_LARGE, error=f"over the pixel limit of {max_pixels:,}: {e}")
+    except (OSError, ValueError, SyntaxError) as e:
         return ImageCheck(path, category=UNREADABLE, error=f"cannot decode image: {e}")
     found = []
+    if frames > 1:
+        found.append((ANIMATED, f"animated {fmt} with {frames} frames; teachers see the first frame only"))
     ext = os.path.splitext(path)[1].lower()
     if fmt not in EXT_FORMATS.get(ext, ()):
         found.append((FORMAT_MISMATCH, f"content is {fmt} but the name ends in {ext or '(nothing)'!r}"))
@@ -109,7 +159,7 @@ def _decode(path: str, data: bytes) -> ImageCheck:
     )
 
 
-def check_image(image_root: str, rel: str) -> ImageCheck:
+def check_image(image_root: str, rel: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageCheck:
     """Run every check on ``image_root/rel``; never raises for a bad file."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ValueError(
@@ -131,7 +181,7 @@ def check_image(image_root: str, rel: str) -> ImageCheck:
         return ImageCheck(rel, category=UNREADABLE, error=f"cannot read: {e}")
     if not data:
         return ImageCheck(rel, category=EMPTY, error="zero-byte file")
-    result = _decode(rel, data)
+    result = _decode(rel, data, max_pixels)
     return dataclasses.replace(result, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
 
@@ -146,14 +196,15 @@ def _stat_sig(image_root: str, rel: str) -> list[int] | None:
 class CheckCache:
     """Append-only record of finished checks; an entry counts only if the file's stat matches."""
 
-    def __init__(self, path: str, image_root: str) -> None:
+    def __init__(self, path: str, image_root: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.path, self.root = path, os.path.realpath(image_root)
+        self.header = {"version": CHECKS_VERSION, "image_root": self.root, "max_pixels": max_pixels}
         self.entries: dict[str, tuple[list[int], dict]] = {}
         self._load()
         self._file = open(path, "a", encoding="utf-8")
         if not self.entries:
             self._file.truncate(0)
-            self._write({"version": CHECKS_VERSION, "image_root": self.root})
+            self._write(self.header)
 
     def _load(self) -> None:
         if not os.path.exists(self.path):
@@ -164,7 +215,7 @@ class CheckCache:
             header = json.loads(lines[0])
         except (json.JSONDecodeError, IndexError):
             return
-        if header != {"version": CHECKS_VERSION, "image_root": self.root}:
+        if header != self.header:
             return
         for line in lines[1:]:
             try:

@@ -15,6 +15,8 @@ Decisions:
 - A bad row is reported as a ``Problem`` (category, file, row index, id, path, reason) and never
   stops the read. A file that is not a JSON list at all raises ``ValueError``: nothing in it can
   be trusted.
+- A row whose ``image`` is a list (LLaVA-OneVision's multi-image rows) is rejected as
+  ``multi_image`` with that reason: the student, like LLaVA-1.5, takes one image per row.
 - Paths are normalised as posix (``./`` and ``a/../`` collapsed); absolute paths, backslashes and
   anything that escapes the image root after normalisation are rejected here. Symlinks that
   point outside the root can only be seen on disk; ``resolve_inside`` checks that at packing time.
@@ -38,6 +40,7 @@ _WS = re.compile(r"[ \t\r\n]*")
 # Problem categories raised while reading rows (packing adds the file-level ones).
 INVALID_ROW = "invalid_row"  # rejected: not an object, no id, malformed conversations
 PATH_REJECTED = "path_rejected"  # rejected: absolute, escapes the root, symlink outside
+MULTI_IMAGE = "multi_image"  # rejected: a list of images (LLaVA-OneVision); not supported yet
 IMAGE_TOKEN_COUNT = "image_token"  # warning: kept, but the <image> placeholder count is odd
 
 
@@ -234,7 +237,15 @@ def _parse_row(rows: LlavaRows, index: int, row: object, intern: dict[str, str])
         return
     rows.ids.append(rid)
     image = None
-    if "image" in row:
+    if isinstance(raw, list):
+        rows.rejected.add(index)
+        first = next((p for p in raw if isinstance(p, str)), None)
+        reason = (
+            f"multi-image rows are not supported yet: 'image' is a list of {len(raw)} images "
+            "(LLaVA-OneVision style); the row is skipped. Split it into single-image rows to train on it"
+        )
+        rows.problems.append(Problem(MULTI_IMAGE, rows.name, index, rid, first, reason))
+    elif "image" in row:
         try:
             norm = normalize_image_path(raw)
             image = intern.setdefault(norm, norm)

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from pipeline.image_checks import DEFAULT_MAX_PIXELS, allow_pixels
 from pipeline.llava_data import normalize_image_path
 
 FORMAT_NAME = "movekd-packed-images"
@@ -107,6 +108,8 @@ class PackedDataset:
                 f"{self.index.get('version')!r}; this reader handles {FORMAT_NAME} "
                 f"v{FORMAT_VERSION}. Re-pack with this version of movekd."
             )
+        # The pack's pixel limit: its images decode without Pillow's bomb warning in this process.
+        allow_pixels(self.max_pixels)
         tables = self.index["tables"]
         self.keys, self.exts, self.paths, self.path_image = (
             np.load(os.path.join(self.root, tables[t]), mmap_mode="r") for t in ("keys", "exts", "paths", "path_image")
@@ -123,6 +126,7 @@ class PackedDataset:
     num_images = property(lambda self: self.index["num_images"])
     files = property(lambda self: list(self._files))
     report_path = property(lambda self: os.path.join(self.root, REPORT_NAME))
+    max_pixels = property(lambda self: int(self.index.get("max_pixels", DEFAULT_MAX_PIXELS)))
 
     def shard_path(self, i: int) -> str:
         if not 0 <= i < self.num_shards:

@@ -8,8 +8,9 @@ The layout and the reader are in ``packed_dataset``.
 Decisions:
 - A bad row or a bad file is reported and skipped, never fatal. The report lists every problem
   with the first row (file, index, id) that uses the path and how many rows do. Rejected
-  (the rows are marked skipped in the index): invalid_row, path_rejected, missing, empty,
-  unreadable. Kept, for the record: format_mismatch, color_mode, duplicate_content, image_token.
+  (the rows are marked skipped in the index): invalid_row, path_rejected, multi_image, missing,
+  empty, unreadable, too_large (over ``max_pixels``). Kept, for the record: format_mismatch,
+  color_mode, animated, duplicate_content, image_token.
 - Identical bytes under several paths are one image; its metadata lists every path (sorted) and
   the first is where the packer reads it from. Row ids need not be unique (665K reuses them).
 - ``DEFAULT_SHARD_SIZE = 1000``: ~100-200 MB tars for LLaVA-sized JPEGs, WebDataset's sweet spot.
@@ -31,11 +32,19 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from PIL import Image
 from tqdm import tqdm
 
 from cache.diskfull import disk_full_as_error
 from pipeline import packing_io as io_
-from pipeline.image_checks import CheckCache, ImageCheck, check_image
+from pipeline.image_checks import (
+    DEFAULT_MAX_PIXELS,
+    CheckCache,
+    ImageCheck,
+    allow_pixels,
+    check_image,
+    check_max_pixels,
+)
 from pipeline.llava_data import LlavaRows, Problem, read_llava_json
 from pipeline.packed_dataset import (
     INDEX_NAME,
@@ -49,7 +58,7 @@ __all__ = ["DEFAULT_SHARD_SIZE", "PackResult", "PackedDataset", "pack_dataset", 
 
 DEFAULT_SHARD_SIZE = 1000
 DUPLICATE_CONTENT = "duplicate_content"
-REJECTING = ("invalid_row", "path_rejected", "missing", "empty", "unreadable")
+REJECTING = ("invalid_row", "path_rejected", "multi_image", "missing", "empty", "unreadable", "too_large")
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,7 @@ class PackResult:
     shards_written: list[int] = field(default_factory=list)
     shards_reused: list[int] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     @property
     def index_path(self) -> str:
@@ -133,8 +143,10 @@ def _path_refs(files: list[LlavaRows]) -> dict[str, list]:
     return refs
 
 
-def _run_checks(paths: list[str], image_root: str, out_dir: str, workers: int, progress: bool) -> dict[str, ImageCheck]:
-    cache = CheckCache(os.path.join(out_dir, "_checks.jsonl"), image_root)
+def _run_checks(
+    paths: list[str], image_root: str, out_dir: str, workers: int, progress: bool, max_pixels: int
+) -> dict[str, ImageCheck]:
+    cache = CheckCache(os.path.join(out_dir, "_checks.jsonl"), image_root, max_pixels)
     try:
         results = {p: c for p in paths if (c := cache.get(p)) is not None}
         todo = [p for p in paths if p not in results]
@@ -143,9 +155,11 @@ def _run_checks(paths: list[str], image_root: str, out_dir: str, workers: int, p
         # costs more than a cheap check; all at once would hold GBs of futures.
         tasks = [todo[i : i + 16] for i in range(0, len(todo), 16)]
         step = 64 * max(1, workers)
-        check = lambda batch: [check_image(image_root, p) for p in batch]  # noqa: E731
+        check = lambda batch: [check_image(image_root, p, max_pixels) for p in batch]  # noqa: E731
         with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            warnings.simplefilter("ignore", UserWarning)  # Pillow's EXIF/size chatter, per file
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's EXIF chatter, per file
+            # Pillow's anonymous bomb warning: such a file is reported as too_large, by name
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             for start in range(0, len(tasks), step):
                 for batch in pool.map(check, tasks[start : start + step]):
                     for c in batch:
@@ -240,24 +254,30 @@ def pack_dataset(
     workers: int | None = None,
     name: str | None = None,
     progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> PackResult:
-    """Check, dedupe and pack the images of ``json_paths`` under ``image_root`` into ``out_dir``."""
+    """Check, dedupe and pack the images of ``json_paths`` under ``image_root`` into ``out_dir``.
+
+    Images of more than ``max_pixels`` pixels are rejected as ``too_large`` (see ``image_checks``).
+    """
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     if not os.path.isdir(image_root):
         raise ValueError(f"--image-root {image_root}: not a directory")
     if not json_paths:
         raise ValueError("give at least one LLaVA JSON file (--data)")
+    max_pixels = check_max_pixels(max_pixels)
+    allow_pixels(max_pixels)
     workers = workers or min(8, os.cpu_count() or 1)
     with disk_full_as_error(os.path.abspath(out_dir)):  # a full disk: one line with the free space
-        return _pack(list(json_paths), image_root, out_dir, shard_size, workers, name, progress)
+        return _pack(list(json_paths), image_root, out_dir, shard_size, workers, name, progress, max_pixels)
 
 
-def _pack(json_paths, image_root, out_dir, shard_size, workers, name, progress) -> PackResult:
+def _pack(json_paths, image_root, out_dir, shard_size, workers, name, progress, max_pixels) -> PackResult:
     os.makedirs(out_dir, exist_ok=True)
     files = _read_inputs(list(json_paths))
     refs = _path_refs(files)
-    checks = _run_checks(sorted(refs), image_root, out_dir, workers, progress)
+    checks = _run_checks(sorted(refs), image_root, out_dir, workers, progress, max_pixels)
     images, path_key = _plan(checks)
     problems = [p for f in files for p in f.problems] + _file_problems(refs, checks, images)
     keys = [im.key for im in images]
@@ -275,6 +295,7 @@ def _pack(json_paths, image_root, out_dir, shard_size, workers, name, progress) 
         shard_size,
         written,
         reused,
+        max_pixels=max_pixels,
     )
     result.counts = _counts(files, refs, images, path_key, problems, len(shard_records))
     index = io_.write_tables(result, files, images, path_key, shard_records)

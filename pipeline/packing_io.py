@@ -223,6 +223,7 @@ def write_tables(result, files: list, images: list, path_key: dict[str, str], sh
         "num_shards": result.num_shards,
         "num_images": result.num_images,
         "key_hex": KEY_HEX,
+        "max_pixels": result.max_pixels,
         "shards": shard_records,
         "files": file_docs,
         "tables": TABLES,
