@@ -12,7 +12,8 @@ environment, library code never does)::
         -m jobs.train --config train_v1_0_pretrain
 
 ``--init-from-released DIR`` starts from a released MoVE-KD checkpoint (``student.released``).
-``--resume`` continues exactly from the newest checkpoint in ``output_dir``. ``--online-teachers
+``--resume`` continues exactly from the newest checkpoint in ``output_dir``; ``--extend`` also lets
+a raised ``max_steps``/``epochs`` through (the schedule is re-laid over the new total). ``--online-teachers
 EXTRACT_CONFIG`` runs the original MoVE-KD way for reference: the teachers of that extraction
 config compute the targets live every step instead of reading them from the cache.
 
@@ -61,6 +62,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="continue exactly from the newest checkpoint in output_dir; a bare --resume refuses to start "
         "when there is none (so a wrong output_dir is not silently a new run), --resume auto starts fresh "
         "then (for schedulers that rerun the same command)",
+    )
+    p.add_argument(
+        "--extend",
+        action="store_true",
+        help="continue a run (finished or not) whose max_steps or epochs you raised, e.g. --resume --extend "
+        "--max-steps 20000: weights, optimizer, RNG and data order continue exactly and the warmup + cosine "
+        "schedule is re-laid over the new total (logged, and recorded in the checkpoints); implies --resume; "
+        "any other change is still refused",
     )
     p.add_argument(
         "--online-teachers",
@@ -241,12 +250,14 @@ def run(args: argparse.Namespace) -> int:
         )
     from student.checkpoint import find_latest
 
+    if args.extend and not args.resume:
+        args.resume = "yes"
     latest = find_latest(cfg.output_dir) if args.resume else None
     if args.resume == "yes" and latest is None:
         return user_error(
             "movekd train",
-            f"--resume: no checkpoint in {cfg.output_dir} to continue; run without --resume to start a new run "
-            "there, or use --resume auto (start fresh when there is none)",
+            f"--{'extend' if args.extend else 'resume'}: no checkpoint in {cfg.output_dir} to continue; run without "
+            "--resume to start a new run there, or use --resume auto (start fresh when there is none)",
         )
     if latest is not None:
         log.info("resuming from %s", latest)
@@ -258,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with disk_full_as_error(cfg.output_dir):  # logs, plots: checkpoints name their own folder
             trainer, tokenizer = build_training(cfg, dist_info, args.online_teachers)
-            state = trainer.train(resume=bool(args.resume))
+            state = trainer.train(resume=bool(args.resume), extend=args.extend)
     except (ValueError, DiskFullError) as e:  # bad cache/config/checkpoint, full disk: one line, no traceback
         shutdown_distributed(barrier=False)  # peers may never reach a barrier now: do not wait for them
         return user_error("movekd train", e)

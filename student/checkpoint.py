@@ -125,10 +125,30 @@ def fingerprint(
     }
 
 
-def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
+# The fields ``Trainer.train(extend=True)`` (``movekd train --extend``) may raise on resume: the
+# run's length. The warmup + cosine schedule is then re-laid over the new total (``relay_schedule``).
+EXTENDABLE = ("optimization.max_steps", "optimization.epochs")
+
+
+def extension_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """The ``EXTENDABLE`` fields that differ, as (field, checkpoint, now); ``ValueError`` if one
+    shrinks (``max_steps: null`` means uncapped, the longest)."""
+    changes = [d for d in diff_dicts(saved, current) if d[0] in EXTENDABLE]
+    for name, old, new in changes:
+        longer = new is None or (old is not None and new > old)
+        if not longer:
+            raise ValueError(
+                f"--extend can only make a run longer: {name.split('.')[-1]} is {old!r} in the checkpoint "
+                f"and {new!r} now; resume with {old!r} or more, or start a new output_dir"
+            )
+    return changes
+
+
+def check_fingerprint(saved: dict, current: dict, where: Path, allow: tuple[str, ...] = ()) -> None:
     """Raise ``CheckpointMismatchError`` listing every differing config field first, then (at most
-    six of) the differing parameter shapes/trainable flags with their count."""
-    diffs = diff_dicts(saved, current)
+    six of) the differing parameter shapes/trainable flags with their count. Fields in ``allow``
+    may differ."""
+    diffs = [d for d in diff_dicts(saved, current) if d[0] not in allow]
     if not diffs:
         return
     config = [d for d in diffs if not d[0].startswith("parameters.")]
@@ -138,10 +158,31 @@ def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
         lines.append(f"  ... and {len(params) - 6} more parameter(s)")
     raise CheckpointMismatchError(
         f"checkpoint {where} was written with an incompatible configuration; {len(diffs)} field(s) "
-        "differ:\n" + "\n".join(lines) + "\nResume with the original configuration, or start a new "
-        "output_dir (use init_from with an exported model to start a new stage).",
+        "differ:\n" + "\n".join(lines) + "\n" + _mismatch_hint(diffs),
         [p for p, _, _ in diffs],
     )
+
+
+def _mismatch_hint(diffs: list) -> str:
+    if all(d[0] in EXTENDABLE for d in diffs):
+        return (
+            "To run this finished or running training longer, resume with --extend (Trainer.train(extend=True)): "
+            "the warmup + cosine schedule is then re-laid over the new total."
+        )
+    return (
+        "Resume with the original configuration, or start a new output_dir "
+        "(use init_from with an exported model to start a new stage)."
+    )
+
+
+def relay_schedule(scheduler) -> list[float]:
+    """Set every group's lr to the (new) schedule's value at the scheduler's current step; return
+    the lrs. After an extension the restored lr is the old plan's; the next step must use the new."""
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)  # what get_last_lr() reports (torch keeps no public setter)
+    return lrs
 
 
 # -- RNG ---------------------------------------------------------------------------------------
@@ -308,8 +349,12 @@ def save_checkpoint(
     rank: int = 0,
     barrier: Callable[[], None] = _noop,
     sampler_state: dict | None = None,
+    extensions: list[dict] | tuple = (),
 ) -> Path:
     """Write ``step-N/`` atomically (every rank calls this; rank 0 writes the shared files).
+
+    ``extensions`` (the run's ``--extend`` history: step, fields before and after) is recorded in
+    ``trainer_state.json`` and carried by every later checkpoint.
 
     A full disk is a ``DiskFullError`` naming the checkpoint folder and the free space (torch's
     zip writer says only "unexpected pos"); the partial ``step-N.tmp/`` is removed, the previous
@@ -319,14 +364,18 @@ def save_checkpoint(
     try:
         with disk_full_as_error(tmp):
             parts = (state, model, optimizer, scheduler, fp, cfg)
-            return _save_checkpoint(root, *parts, rank=rank, barrier=barrier, sampler_state=sampler_state)
+            return _save_checkpoint(
+                root, *parts, rank=rank, barrier=barrier, sampler_state=sampler_state, extensions=list(extensions)
+            )
     except DiskFullError:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # give back what the partial save took
         raise
 
 
-def _save_checkpoint(root: Path, state, model, optimizer, scheduler, fp, cfg, *, rank, barrier, sampler_state) -> Path:
+def _save_checkpoint(
+    root: Path, state, model, optimizer, scheduler, fp, cfg, *, rank, barrier, sampler_state, extensions
+) -> Path:
     name = step_dir_name(state.step)
     tmp, final = root / f"{name}.tmp", root / name
     weights, optim = gather_weights(model), optimizer_state(model, optimizer)  # collectives first
@@ -349,6 +398,7 @@ def _save_checkpoint(root: Path, state, model, optimizer, scheduler, fp, cfg, *,
             "sampler": sampler_state,
             "fingerprint": fp,
             "config": cfg.to_dict(),
+            "extensions": extensions,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -370,13 +420,16 @@ def read_trainer_state(path) -> dict:
     return meta
 
 
-def load_checkpoint(path, model: nn.Module, optimizer, scheduler, fp: dict, *, rank: int = 0) -> TrainState:
+def load_checkpoint(
+    path, model: nn.Module, optimizer, scheduler, fp: dict, *, rank: int = 0, allow: tuple[str, ...] = ()
+) -> TrainState:
     """Restore weights, optimizer, scheduler and this rank's RNG; return the run position.
 
-    Raises ``CheckpointMismatchError`` (naming the fields) if ``fp`` differs from the saved one."""
+    Raises ``CheckpointMismatchError`` (naming the fields) if ``fp`` differs from the saved one
+    (outside the fields in ``allow``)."""
     path = Path(path)
     meta = read_trainer_state(path)
-    check_fingerprint(meta["fingerprint"], fp, path)
+    check_fingerprint(meta["fingerprint"], fp, path, allow)
     rng_file = path / f"rng-rank{rank:05d}.pt"
     if not rng_file.is_file():
         raise ValueError(f"{path} has no RNG state for rank {rank} (written with world size {meta['world_size']})")

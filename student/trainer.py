@@ -28,6 +28,8 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import random
 from pathlib import Path
@@ -37,13 +39,16 @@ import torch
 from tqdm.auto import tqdm
 
 from student.checkpoint import (
+    EXTENDABLE,
     TrainState,
     clean_partial,
     complete_checkpoints,
+    extension_changes,
     find_latest,
     fingerprint,
     load_checkpoint,
     read_trainer_state,
+    relay_schedule,
     save_checkpoint,
 )
 from student.config import TrainConfig
@@ -55,6 +60,7 @@ from student.optim import build_optimizer, build_scheduler, total_steps
 from student.train_loop import SamplerPosition, StepTimer, accumulate_window, make_loader, optimizer_step
 
 LOG_NAME, PLOT_NAME = "train_log.jsonl", "loss_curves.png"
+log = logging.getLogger(__name__)
 
 
 def resolve_bf16(cfg: TrainConfig, device: torch.device) -> bool:
@@ -101,11 +107,19 @@ class Trainer:
         self.logger = JsonlLogger(self.log_path, enabled=self.ctx.is_main)
         self.image_tokens = student_geometry(self.model.llava)[1]
         self.state, self.last_saved = TrainState(), None
+        self.extensions: list[dict] = []  # the run's --extend history, carried by every checkpoint
 
     # -- public ------------------------------------------------------------------------------------
-    def train(self, resume: bool = False, stop_after: int | None = None) -> TrainState:
-        """Train to ``total_steps`` (or stop after step ``stop_after``, with a checkpoint)."""
-        self._start(resume)
+    def train(self, resume: bool = False, stop_after: int | None = None, extend: bool = False) -> TrainState:
+        """Train to ``total_steps`` (or stop after step ``stop_after``, with a checkpoint).
+
+        ``extend=True`` (with ``resume``) continues a run, finished or not, whose ``max_steps`` or
+        ``epochs`` were raised: everything else must match, the restored weights, optimizer, RNG and
+        sampler position are exact, and the warmup + cosine schedule is re-laid over the new total
+        (the lr at the resumed step is the new plan's; logged, and recorded in the checkpoints)."""
+        if extend and not resume:
+            raise ValueError("extend=True continues a checkpointed run: it needs resume=True")
+        self._start(resume, extend)
         self.model.train()
         bar = tqdm(
             total=self.total_steps,
@@ -136,12 +150,13 @@ class Trainer:
             rank=self.ctx.rank,
             barrier=self.ctx.barrier,
             sampler_state=self.position.state(),
+            extensions=self.extensions,
         )
         self.last_saved = self.state.step
         return path
 
     # -- internals ----------------------------------------------------------------------------------
-    def _start(self, resume: bool) -> None:
+    def _start(self, resume: bool, extend: bool = False) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.ctx.is_main:
             clean_partial(self.out)
@@ -158,12 +173,54 @@ class Trainer:
             self.logger.reset()
             self.state, self.last_saved = TrainState(), None
             return
+        meta = read_trainer_state(latest)
+        changes = extension_changes(meta["fingerprint"], self.fingerprint) if extend else []
+        if extend and self.total_steps <= meta["step"]:
+            raise ValueError(
+                f"--extend: nothing to extend: {latest} is at step {meta['step']} and this configuration plans "
+                f"{self.total_steps} steps in all; raise max_steps (or epochs)"
+            )
         self.state = load_checkpoint(
-            latest, self.model, self.optimizer, self.scheduler, self.fingerprint, rank=self.ctx.rank
+            latest,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.fingerprint,
+            rank=self.ctx.rank,
+            allow=EXTENDABLE if extend else (),
         )
-        self.position.restore(read_trainer_state(latest).get("sampler"), self.state.epoch, self.state.cursor)
+        self.extensions = list(meta.get("extensions", []))
+        if changes:
+            self._extended(meta, changes)
+        self.position.restore(meta.get("sampler"), self.state.epoch, self.state.cursor)
         self.last_saved = self.state.step
         self.logger.truncate_after(self.state.step)
+
+    def _extended(self, meta: dict, changes: list) -> None:
+        old_cfg = dataclasses.replace(self.cfg, **{f.split(".")[-1]: a for f, a, _ in changes})
+        old_total = total_steps(self.batches_per_epoch, old_cfg)
+        before = [g["lr"] for g in self.optimizer.param_groups]
+        after = relay_schedule(self.scheduler)
+        record = {
+            "step": self.state.step,
+            "total_steps": [old_total, self.total_steps],
+            **{f.split(".")[-1]: [a, b] for f, a, b in changes},
+        }
+        self.extensions.append(record)
+        if self.ctx.is_main:
+            what = ", ".join(f"{f.split('.')[-1]} {a} -> {b}" for f, a, b in changes)
+            log.info(
+                "--extend: continuing %s at step %d: %s, %d -> %d steps in all; the warmup + cosine schedule is "
+                "re-laid over %d steps (lr now %.4g, was %.4g on the old plan)",
+                self.out,
+                self.state.step,
+                what,
+                old_total,
+                self.total_steps,
+                self.total_steps,
+                after[0],
+                before[0],
+            )
 
     def _run(self, bar, stop_after: int | None) -> None:
         cfg = self.cfg

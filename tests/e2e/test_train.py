@@ -338,7 +338,7 @@ def test_cache_with_an_uncommitted_shard(world, tmp_path, capsys):
     "change, expected",
     [
         (["--max-steps", "2", "--set", "mole.rank=8"], "mole.rank: checkpoint=4 now=8"),
-        # extending a run changes its cosine schedule: not an exact continuation, so refused too
+        # extending a run changes its cosine schedule: refused unless asked for, with the way to ask
         (["--max-steps", "4"], "optimization.max_steps: checkpoint=2 now=4"),
     ],
 )
@@ -348,6 +348,21 @@ def test_resume_with_an_incompatible_config(world, checkpointed, tmp_path, capsy
     code, err = cli(train_argv(world, out, "--resume", "--no-export", *change), capsys)
     assert code == 2, err
     assert "incompatible configuration" in err and expected in err and "step-0000002" in err
+    assert ("resume with --extend" in err) == ("max_steps" in expected)
+
+
+def test_extend_a_finished_run(world, checkpointed, tmp_path, capsys):
+    """A run trained to its max_steps continues to a larger one with --extend (issue 11 item 13)."""
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed, out)
+    code, err = cli(train_argv(world, out, "--extend", "--no-export", "--max-steps", "4"), capsys)
+    assert code == 0, err
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
+    meta = json.loads((out / "step-0000004" / "trainer_state.json").read_text())
+    assert meta["extensions"] == [{"step": 2, "total_steps": [2, 4], "max_steps": [2, 4]}]
+    code, err = cli(train_argv(world, out, "--extend", "--no-export", "--max-steps", "3"), capsys)
+    assert code == 2 and "can only make a run longer" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err
 
 
 def test_resume_without_a_checkpoint_is_refused_unless_auto(world, tmp_path, capsys):
