@@ -9,7 +9,9 @@ Layout under the run's output dir::
       optimizer.pt           {"optimizer": AdamW state keyed by parameter NAME, "scheduler": ...}
       rng-rank00000.pt       python / numpy / torch CPU / CUDA RNG states, one file per rank
       trainer_state.json     step, epoch, cursor, world size, the sampler's state_dict (JSON),
-                             config fingerprint, full config
+                             config fingerprint, full config, and "extensions": the
+                             run's --extend history ([{"step", "total_steps": [old, new],
+                             "max_steps"/"epochs": [old, new]}])
     latest                   "step-0000400", written atomically (tmp + os.replace) LAST
 
 Decisions:
@@ -27,7 +29,9 @@ Decisions:
   stage, teachers, MoLE/KD/projector/adapter configs, trainable set, every parameter's shape, the
   optimisation trajectory (lr, schedule, epochs, max_steps, batch, accumulation, world size, seed).
   Paths, logging and IO knobs are not in it (moving a run dir is fine). A mismatch raises
-  ``CheckpointMismatchError`` naming each differing field.
+  ``CheckpointMismatchError`` naming each differing field. The one exception is asked for:
+  ``extend`` lets ``EXTENDABLE`` (max_steps, epochs) grow; the restored state is exact and the
+  schedule's lr from the resumed step on is the new plan's (``relay_schedule``).
 - Multi-rank saving assumes a filesystem shared by the ranks (each writes its own RNG file).
 """
 
