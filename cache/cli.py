@@ -22,6 +22,7 @@ import argparse
 import functools
 import json
 import sys
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -34,22 +35,30 @@ from cache.stats import compute_channel_stats
 from cache.store import Location
 from cache.summary import format_inspect, inspect_cache
 from cache.text import table
-from cache.verify import verify_cache
+from cache.verify import VerifyReport, verify_cache
 
 
 class CliError(Exception):
     """A user error reported as one line (exit 2)."""
 
 
+Extension = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
+
+
 # -- parsers ---------------------------------------------------------------------------------
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the ``cache`` verb on a ``movekd`` sub-parser collection."""
+def add_parser(subparsers, extensions: Mapping[str, Extension] | None = None) -> argparse.ArgumentParser:
+    """Register the ``cache`` verb on a ``movekd`` sub-parser collection.
+
+    ``extensions`` maps a command name to ``extend(parser) -> run``: it adds options to that
+    command's parser and returns the function that runs the command instead (wrapped in the same
+    one-line error handling). ``movekd`` adds ``verify --recompute`` this way (``jobs.cache_cli``),
+    which needs the teachers and so cannot live here."""
     parser = subparsers.add_parser(
         "cache", help="inspect, verify and summarise a feature cache", description=__doc__.split("\n\n")[0]
     )
-    _add_commands(parser)
+    _add_commands(parser, extensions or {})
     return parser
 
 
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args))
 
 
-def _add_commands(parser: argparse.ArgumentParser) -> None:
+def _add_commands(parser: argparse.ArgumentParser, extensions: Mapping[str, Extension] | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("path", metavar="PATH", help="cache location: a directory or an fsspec URL (memory://, s3://)")
     common.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
@@ -92,6 +101,9 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=functools.partial(_guarded, _cmd_stats))
     parser.set_defaults(func=functools.partial(_no_command, parser))
+    for name, extend in (extensions or {}).items():
+        command = sub.choices[name]
+        command.set_defaults(func=functools.partial(_guarded, extend(command)))
 
 
 def _no_command(parser: argparse.ArgumentParser, args) -> int:
@@ -124,21 +136,26 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    load_manifest(Location(args.path))  # missing cache / wrong version: exit 2, not a finding
-    report = verify_cache(args.path, sample=args.sample, seed=args.seed, progress=not args.no_progress)
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        for problem in report.problems:
-            print(f"PROBLEM {problem}")
-        for note in report.notes:
-            print(f"NOTE {note}")
-        status = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
-        print(
-            f"{status}: {report.shards_committed}/{report.shards_total} shards committed (incl. the no-image "
-            f"row), {report.shards_checked} checked, {report.rows_sampled} images decoded"
-        )
+    report = run_verify(args)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_verify(report))
     return 0 if report.ok else 1
+
+
+def run_verify(args) -> VerifyReport:
+    """The integrity checks of ``verify`` for parsed ``args`` (``path``, ``sample``, ``seed``,
+    ``no_progress``); a missing cache or a wrong format version raises (exit 2, not a finding)."""
+    load_manifest(Location(args.path))
+    return verify_cache(args.path, sample=args.sample, seed=args.seed, progress=not args.no_progress)
+
+
+def format_verify(report: VerifyReport) -> str:
+    lines = [f"PROBLEM {p}" for p in report.problems] + [f"NOTE {n}" for n in report.notes]
+    status = "OK" if report.ok else f"FAILED: {len(report.problems)} problem(s)"
+    lines.append(
+        f"{status}: {report.shards_committed}/{report.shards_total} shards committed (incl. the no-image "
+        f"row), {report.shards_checked} checked, {report.rows_sampled} images decoded"
+    )
+    return "\n".join(lines)
 
 
 # -- show ------------------------------------------------------------------------------------

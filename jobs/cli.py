@@ -83,9 +83,15 @@ def prepare_process(verb: str | None) -> None:
     """Once per process, before a verb runs: make torchvision importable for verbs that load
     models (``movekd_compat``); ``movekd cache`` stays free of torch."""
     if verb not in TORCH_FREE_VERBS:
-        from movekd_compat import ensure_torchvision_importable
+        prepare_torch()
 
-        ensure_torchvision_importable()
+
+def prepare_torch() -> None:
+    """Make torchvision importable (``movekd_compat``) in a torch-free verb that is about to load
+    models after all (``movekd cache verify --recompute``); idempotent."""
+    from movekd_compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
 
 
 def user_error(prog: str, message: object) -> int:

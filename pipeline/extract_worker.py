@@ -114,7 +114,14 @@ class ShardExtractor:
         }
 
     def _run_shard(self, shard: int, times: dict):
-        members = list(self.packed.iter_shard(shard))
+        return self.compute(list(self.packed.iter_shard(shard)), times)
+
+    def compute(self, members: list[tuple[str, bytes, dict]], times: dict | None = None):
+        """What extraction stores for ``members`` (``(key, image_bytes, meta)``, e.g. from
+        ``PackedDataset.iter_shard`` or ``read_images``), without writing anything: ``(keys,
+        failed, encoded, (cls_state, cls_attn))``, ``encoded[teacher][component]`` in row order.
+        ``process`` writes exactly this; the recompute check (``pipeline.recompute``) compares it."""
+        times = defaultdict(float) if times is None else times
         keys = [m[0] for m in members]
         failed: dict[str, str] = {}
         acc = _Accumulator(self.teachers, self.cfg)
@@ -126,6 +133,10 @@ class ShardExtractor:
             pixels = {sid: np.stack([b[1][sid] for b in batch]) for sid in self.pre_specs.values()}
             acc.add(bkeys, pixels, self.pre_specs, failed, times, self.device)
         return keys, failed, acc.encoded(), acc.cls()
+
+    def compute_null(self, times: dict | None = None):
+        """``compute`` for the reserved no-image row: ``([NULL_KEY], {}, encoded, cls)``."""
+        return self._null_row(defaultdict(float) if times is None else times)
 
     def _null_row(self, times: dict):
         """The reserved no-image row: every teacher on ``null_image_tensor`` (the released black

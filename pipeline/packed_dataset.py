@@ -177,6 +177,26 @@ class PackedDataset:
                 )
             yield key, group[images[0]], json.loads(group["json"])
 
+    def read_images(self, keys: list[str]) -> list[tuple[str, bytes, dict]]:
+        """``(key, image_bytes, meta)`` for each of ``keys``, in the order given (what
+        ``iter_shard`` yields, for a random subset): each shard's tar is opened once and only the
+        wanted members are read. ``ValueError`` names a key the pack does not hold."""
+        where = {k: self.locate(k) for k in keys}
+        found: dict[str, tuple[str, bytes, dict]] = {}
+        for shard in sorted({s for s, _ in where.values()}):
+            path = self.shard_path(shard)
+            with tarfile.open(path, mode="r:") as tar:
+                for key in (k for k in keys if where[k][0] == shard):
+                    try:
+                        data = tar.extractfile(where[key][1]).read()
+                        meta = json.loads(tar.extractfile(f"{key}.json").read())
+                    except KeyError:
+                        raise ValueError(
+                            f"{path}: sample {key!r} is missing from the tar; re-run `movekd pack` to rewrite it"
+                        ) from None
+                    found[key] = (key, data, meta)
+        return [found[k] for k in keys]
+
     def verify_shard(self, i: int) -> bool:
         """True when the shard's sha256 matches the one recorded at packing time."""
         return file_sha256(self.shard_path(i)) == self.index["shards"][i]["sha256"]
