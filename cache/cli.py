@@ -1,19 +1,22 @@
 """Inspection CLI for a feature cache: ``python -m cache COMMAND`` or ``movekd cache COMMAND``.
 
 Commands: ``inspect`` (what is in a cache and what it costs on disk), ``verify`` (integrity),
-``show`` (statistics of one image), ``attn`` (the [CLS] attention of one image as a PNG) and
-``stats`` (compute and store per-teacher channel statistics).
+``keys`` (the image keys, one per line), ``show`` (statistics of one image), ``attn`` (the [CLS]
+attention of one image as a PNG) and ``stats`` (compute and store per-teacher channel statistics).
 
 Decisions:
-- ``add_parser(subparsers)`` registers the ``cache`` verb for ``jobs/cli.py``; ``main(argv)`` is the
-  same commands without the verb. The parsers are built in one function, so both agree.
+- ``add_parser(subparsers, image_lookup)`` registers the ``cache`` verb for ``jobs/cli.py``;
+  ``main(argv)`` is the same commands without the verb. The parsers are built in one function, so
+  both agree. Help texts are plain text (they are read in a terminal): no markup.
+- ``show``/``attn`` take an image key; a name that is not a key goes to an ``ImageLookup`` when
+  one is given. Keys are the pack's business (the first 16 hex digits of the image's sha256), and
+  cache/ cannot import pipeline/, so ``movekd cache`` passes one (``jobs.cache_cli``: the pack's
+  index, then the file's content) and ``python -m cache`` takes keys only, saying so.
 - User errors (missing cache, wrong format version, unknown key or teacher, unreadable image)
-  print one line to stderr and exit 2 (``movekd -v`` re-raises them with the traceback);
-  ``verify`` exits 1 when it finds problems, 0 when clean.
-- ``inspect``'s numbers come from ``cache.summary`` (bytes on disk against raw bf16).
-- Pictures use matplotlib's object API on a bare ``Figure`` (Agg), never pyplot, so no global
-  backend state is touched; the image under ``attn --image`` goes through the teacher's own preprocessing,
-  following the CLS teacher's ``PreprocessSpec``, so the grid lines up with what the teacher saw.
+  print one line to stderr and exit 2 (``movekd --debug`` re-raises them with the traceback);
+  ``verify`` exits 1 when it finds problems, 0 when clean. ``keys`` stops quietly (exit 0) when
+  its reader goes away (``| head``).
+- ``inspect``'s numbers come from ``cache.summary``, the pictures from ``cache.heatmap``.
 """
 
 from __future__ import annotations
@@ -21,21 +24,45 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 import numpy as np
 
+from cache.heatmap import attention_stats, draw_attention, load_image, teacher_view
 from cache.layout import STATS_FILE
-from cache.manifest import PreprocessSpec, TeacherEntry
 from cache.marker import NULL_KEY
-from cache.preprocess import preprocess_image
 from cache.reader import FeatureCache, load_manifest, open_cache
 from cache.stats import compute_channel_stats
 from cache.store import Location
 from cache.summary import format_inspect, inspect_cache
 from cache.text import table
 from cache.verify import VerifyReport, verify_cache
+
+DESCRIPTION = (
+    "Inspect a feature cache: what it holds and costs on disk (inspect), its integrity (verify), "
+    "its image keys (keys), one image (show, attn), channel statistics (stats)."
+)
+KEYS_DESCRIPTION = (
+    "Print the image keys of the committed data shards, one per line, in row order, failed images "
+    f"included (they keep their rows). The no-image row ({NULL_KEY}) is not listed: it is not an "
+    "image. With --failed: only the failed images, each as KEY, a tab, and the reason."
+)
+
+__all__ = [
+    "CliError",
+    "ImageLookup",
+    "add_parser",
+    "attention_stats",
+    "build_parser",
+    "draw_attention",
+    "image_stats",
+    "main",
+    "resolve_key",
+    "teacher_view",
+]
 
 
 class CliError(Exception):
@@ -48,23 +75,38 @@ Extension = Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], i
 # -- parsers ---------------------------------------------------------------------------------
 
 
-def add_parser(subparsers, extensions: Mapping[str, Extension] | None = None) -> argparse.ArgumentParser:
+class ImageLookup(Protocol):
+    """Maps a name that is not a key (an image path) to a key; ``jobs.cache_cli`` has the one
+    ``movekd cache`` uses."""
+
+    help: str  # how KEY may name an image, for the help of show/attn
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def __call__(self, cache: FeatureCache, name: str, args) -> tuple[str | None, list[str]]:
+        """(key, notes to print) when found; (None, what was tried and why it failed) otherwise."""
+
+
+def add_parser(
+    subparsers, image_lookup: ImageLookup | None = None, extensions: Mapping[str, Extension] | None = None
+) -> argparse.ArgumentParser:
     """Register the ``cache`` verb on a ``movekd`` sub-parser collection.
 
-    ``extensions`` maps a command name to ``extend(parser) -> run``: it adds options to that
-    command's parser and returns the function that runs the command instead (wrapped in the same
-    one-line error handling). ``movekd`` adds ``verify --recompute`` this way (``jobs.cache_cli``),
-    which needs the teachers and so cannot live here."""
+    ``image_lookup`` maps image paths to keys for ``show``/``attn``. ``extensions`` maps a command
+    name to ``extend(parser) -> run``: it adds options to that command's parser and returns the
+    function that runs the command instead (wrapped in the same one-line error handling).
+    ``movekd`` adds both (``jobs.cache_cli``): the pack lookup and ``verify --recompute``, which
+    need pipeline/ and the teachers and so cannot live here."""
     parser = subparsers.add_parser(
-        "cache", help="inspect, verify and summarise a feature cache", description=__doc__.split("\n\n")[0]
+        "cache", help="inspect, verify and summarise a feature cache", description=DESCRIPTION
     )
-    _add_commands(parser, extensions or {})
+    _add_commands(parser, image_lookup, extensions or {})
     return parser
 
 
 def build_parser(prog: str = "python -m cache") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    _add_commands(parser)
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    _add_commands(parser, None)
     return parser
 
 
@@ -73,29 +115,42 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args))
 
 
-def _add_commands(parser: argparse.ArgumentParser, extensions: Mapping[str, Extension] | None = None) -> None:
+def _add_commands(
+    parser: argparse.ArgumentParser, lookup: ImageLookup | None, extensions: Mapping[str, Extension] | None = None
+) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("path", metavar="PATH", help="cache location: a directory or an fsspec URL (memory://, s3://)")
     common.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+    key_help = f"image key (the no-image row is {NULL_KEY}); " + (
+        lookup.help if lookup is not None else "image paths are looked up by movekd cache, which reads the pack"
+    )
     sub = parser.add_subparsers(dest="cache_command", metavar="COMMAND")
     p = sub.add_parser("inspect", parents=[common], help="teachers, images, shards and size of a cache")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON (every field) instead of tables")
     p.set_defaults(func=functools.partial(_guarded, _cmd_inspect))
     p = sub.add_parser("verify", parents=[common], help="check completeness, checksums and decodability")
     p.add_argument("--sample", type=int, default=16, metavar="N", help="images to decode end to end (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing the sampled images (default 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=functools.partial(_guarded, _cmd_verify))
+    p = sub.add_parser("keys", parents=[common], help="list the image keys, one per line", description=KEYS_DESCRIPTION)
+    p.add_argument("--failed", action="store_true", help="only the failed images, as KEY<tab>REASON")
+    p.add_argument("--shard", type=int, metavar="N", help="only data shard N (0 .. num_shards - 1)")
+    p.set_defaults(func=functools.partial(_guarded, _cmd_keys))
     p = sub.add_parser("show", parents=[common], help="per-teacher statistics of one image")
-    p.add_argument("key", metavar="KEY", help=f"image key (the no-image row is {NULL_KEY!r})")
+    p.add_argument("key", metavar="KEY", help=key_help)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    p.set_defaults(func=functools.partial(_guarded, _cmd_show))
+    p.set_defaults(func=functools.partial(_guarded, _cmd_show), image_lookup=lookup)
+    if lookup is not None:
+        lookup.add_arguments(p)
     p = sub.add_parser("attn", parents=[common], help="draw one image's [CLS] attention as a PNG heatmap")
-    p.add_argument("key", metavar="KEY", help=f"image key (the no-image row is {NULL_KEY!r})")
+    p.add_argument("key", metavar="KEY", help=key_help)
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the PNG")
     p.add_argument("--image", metavar="FILE", help="draw the heatmap over this image, cropped as the teacher saw it")
     p.add_argument("--alpha", type=float, default=0.6, help="heatmap opacity over --image, 0..1 (default 0.6)")
-    p.set_defaults(func=functools.partial(_guarded, _cmd_attn))
+    p.set_defaults(func=functools.partial(_guarded, _cmd_attn), image_lookup=lookup)
+    if lookup is not None:
+        lookup.add_arguments(p)
     p = sub.add_parser("stats", parents=[common], help="compute and store per-teacher channel mean/std")
     p.add_argument("--teachers", metavar="A,B", help="comma-separated teachers (default: all)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -116,7 +171,7 @@ def _guarded(command, args) -> int:
     try:
         return command(args)
     except (CliError, ValueError, KeyError, OSError) as e:
-        if getattr(args, "verbose", False):  # `movekd -v cache ...`: show the traceback
+        if getattr(args, "debug", False) or getattr(args, "verbose", False):  # movekd --debug / -v
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {'; '.join(line.strip() for line in str(msg).splitlines() if line.strip())}", file=sys.stderr)
@@ -158,16 +213,72 @@ def format_verify(report: VerifyReport) -> str:
     return "\n".join(lines)
 
 
+# -- keys ------------------------------------------------------------------------------------
+
+
+def _cmd_keys(args) -> int:
+    cache = open_cache(args.path)
+    n = cache.manifest.num_shards
+    shards = cache.committed_shards
+    if args.shard is not None:
+        if not 0 <= args.shard < n:
+            raise CliError(
+                f"--shard {args.shard}: the data shards of {cache.location.url} are 0..{n - 1} "
+                f"(shard {n} holds only the no-image row, key {NULL_KEY})"
+            )
+        if args.shard not in cache.commits:
+            raise CliError(
+                f"shard {args.shard} is not committed in {cache.location.url}, so its keys are not visible "
+                f"({len(shards)}/{n} data shards committed)"
+            )
+        shards = [args.shard]
+    failed = cache.failed()
+    keys = (k for s in shards for k in cache.commits[s].keys)
+    if args.failed:
+        return _print_lines(f"{k}\t{' '.join(failed[k].split())}" for k in keys if k in failed)
+    return _print_lines(keys)
+
+
+def _print_lines(lines: Iterable[str]) -> int:
+    """One line each to stdout; a reader that goes away (``| head``) ends the listing quietly."""
+    try:
+        for line in lines:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # the interpreter's last flush would fail again: point stdout at /dev/null first
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+    return 0
+
+
 # -- show ------------------------------------------------------------------------------------
 
 
-def _require_key(cache: FeatureCache, key: str) -> None:
+def resolve_key(cache: FeatureCache, name: str, lookup: ImageLookup | None = None, args=None) -> str:
+    """``name`` when it is a key of ``cache``; otherwise what ``lookup`` maps it to, or a one-line
+    error naming every attempt."""
+    if name in cache:
+        return name
+    not_key = f"{name!r} is not an image key of {cache.location.url} ({len(cache)} keys)"
+    if name == NULL_KEY:
+        raise CliError(f"{not_key}: the no-image row has not been written")
+    if lookup is None:
+        command = getattr(args, "cache_command", None) or "show"
+        raise CliError(f"{not_key}; image paths are looked up by movekd cache {command}, which reads the pack")
+    key, messages = lookup(cache, name, args)
+    if key is None:
+        raise CliError("; ".join([not_key, *messages]))
+    for message in messages:
+        print(f"note: {message}", file=sys.stderr)
     if key not in cache:
-        hint = "; the no-image row has not been written" if key == NULL_KEY else ""
-        raise CliError(
-            f"image key {key!r} is not in any committed shard of {cache.location.url} "
-            f"({len(cache)} readable keys){hint}"
-        )
+        raise CliError(f"{name!r} is image {key}, but {key} is not in any committed shard of {cache.location.url}")
+    return key
+
+
+def _require_key(cache: FeatureCache, key: str) -> None:
+    resolve_key(cache, key)
     if not cache.is_valid(key):
         raise CliError(f"image {key!r} failed extraction ({cache.failed()[key]}); it has no features")
 
@@ -195,27 +306,9 @@ def image_stats(cache: FeatureCache, key: str) -> dict:
     return out
 
 
-def attention_stats(attn: np.ndarray, teacher: TeacherEntry) -> dict:
-    """Entropy (nats, of the row normalised to sum 1), max, and argmax as (row, col) of the grid."""
-    a = attn.astype(np.float64)
-    total = a.sum()
-    p = a / total if total > 0 else np.full_like(a, 1.0 / a.size)
-    entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
-    arg = int(a.argmax())
-    return {
-        "teacher": teacher.name,
-        "grid": list(teacher.grid),
-        "sum": float(total),
-        "entropy": entropy,
-        "max_entropy": float(np.log(a.size)),
-        "max": float(a.max()),
-        "argmax_token": arg,
-        "argmax_rc": list(divmod(arg, teacher.grid[1])),
-    }
-
-
 def _cmd_show(args) -> int:
-    info = image_stats(open_cache(args.path), args.key)
+    cache = open_cache(args.path)
+    info = image_stats(cache, resolve_key(cache, args.key, args.image_lookup, args))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -233,6 +326,8 @@ def _cmd_show(args) -> int:
             f"entropy {a['entropy']:.4g} nats (uniform {a['max_entropy']:.4g}), max {a['max']:.4g} "
             f"at (row {a['argmax_rc'][0]}, col {a['argmax_rc'][1]})"
         )
+        if a["max_x_uniform"] is not None:
+            print(f"  max {a['max_x_uniform']:.3g} x uniform, min {a['min_x_uniform']:.3g} x uniform (1/N of the sum)")
         print(f"[CLS] state: {'x'.join(map(str, info['cls_state']['shape']))}, L2 {info['cls_state']['l2']:.4g}")
     return 0
 
@@ -249,54 +344,14 @@ def _cmd_attn(args) -> int:
         raise CliError(
             f"{cache.location.url} has no cls teacher (manifest cls_teacher is null): no [CLS] attention is stored"
         )
-    _require_key(cache, args.key)
+    key = resolve_key(cache, args.key, args.image_lookup, args)
+    _require_key(cache, key)
     teacher = m.teacher(m.cls_teacher)
-    heat = cache.read([args.key], teachers=[]).cls_attn[0].reshape(teacher.grid)
-    picture = teacher_view(_load_image(args.image), teacher.preprocess) if args.image else None
-    draw_attention(heat, args.out, f"{args.key}  [CLS] attention of {teacher.name}", picture, args.alpha)
+    heat = cache.read([key], teachers=[]).cls_attn[0].reshape(teacher.grid)
+    picture = teacher_view(load_image(args.image), teacher.preprocess) if args.image else None
+    draw_attention(heat, args.out, f"{key}  [CLS] attention of {teacher.name}", picture, args.alpha)
     print(f"wrote {args.out}")
     return 0
-
-
-def _load_image(path: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        raise CliError(f"cannot read image {path}: {e}") from e
-
-
-def teacher_view(image, spec: PreprocessSpec) -> np.ndarray:
-    """The picture a teacher saw (uint8 HxWx3): its exact preprocessing, un-normalised."""
-    x = preprocess_image(image, spec)
-    mean, std = np.asarray(spec.mean)[:, None, None], np.asarray(spec.std)[:, None, None]
-    return (np.clip(x * std + mean, 0.0, 1.0) * 255).round().astype(np.uint8).transpose(1, 2, 0)
-
-
-def draw_attention(
-    heat: np.ndarray, out: str, title: str, picture: np.ndarray | None = None, alpha: float = 0.6
-) -> None:
-    """Save ``heat`` (grid rows x cols) as a PNG heatmap with a colorbar, over ``picture`` if given."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.figure import Figure  # object API: no pyplot, no global backend switch
-
-    fig = Figure(figsize=(5.5, 4.6), dpi=100)
-    ax = fig.add_subplot()
-    if picture is None:
-        im = ax.imshow(heat, cmap="inferno", interpolation="nearest")
-    else:
-        h, w = picture.shape[:2]
-        ax.imshow(picture, extent=(0, w, h, 0))
-        im = ax.imshow(heat, cmap="inferno", alpha=alpha, extent=(0, w, h, 0), interpolation="bilinear")
-    solid = ScalarMappable(norm=im.norm, cmap=im.cmap)  # the colorbar without the overlay's alpha
-    fig.colorbar(solid, ax=ax, label="head-mean [CLS] attention")
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    fig.savefig(out, format="png")
 
 
 # -- stats -----------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from cache.manifest import PreprocessSpec
 
 
@@ -10,6 +12,19 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def field_lines(label: str, text: str, width: int = 100, label_width: int = 10) -> list[str]:
+    """``label`` padded to ``label_width``, then ``text`` wrapped at spaces to ``width`` columns with
+    a hanging indent; a word longer than a line (a path, a URL) is kept whole, never cut."""
+    return textwrap.wrap(
+        text,
+        width,
+        initial_indent=label.ljust(label_width - 1) + " ",
+        subsequent_indent=" " * label_width,
+        break_long_words=False,
+        break_on_hyphens=False,
+    ) or [label]
 
 
 def human_bytes(n: float) -> str:

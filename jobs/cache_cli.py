@@ -1,23 +1,124 @@
-"""The ``movekd cache`` verb: the inspection CLI lives with the format, in ``cache/cli.py``.
+"""The ``movekd cache`` verb: the inspection CLI lives with the format, in ``cache/cli.py``; this
+module adds what needs pipeline/, which cache/ cannot import: naming an image by its path, and
+``verify --recompute N``.
 
-``movekd`` adds one thing to it: ``verify --recompute N``, which re-runs the teachers on N random
-committed images and compares them with the cache (``pipeline.recompute``). That needs torch and
-the teacher loaders, so it is wired here, through ``cache.cli``'s extension hook, and imports
-them only when ``--recompute`` is given: ``movekd cache`` stays free of torch otherwise.
+``verify --recompute N`` re-runs the teachers on N random committed images and compares them with
+the cache (``pipeline.recompute``). It needs torch and the teacher loaders, so it is wired here
+through ``cache.cli``'s extension hook and imports them only when ``--recompute`` is given:
+``movekd cache`` stays free of torch otherwise.
+
+``show``/``attn`` take an image key or a path; a name that is not a key of the cache is tried:
+
+1. in the pack's index (``PackedDataset.key_for_path``, the packer's own normalisation): as
+   given (the path in the LLaVA JSON, relative to the image root), then, for an existing file,
+   as its location relative to the pack's recorded image root. The pack is ``--packed DIR``, else
+   the one ``movekd extract`` recorded in the manifest's notes (``extract_config.packed``).
+2. by content: an existing file's key is the first 16 hex digits of its sha256, as the packer
+   derives it. This needs no pack (moved, deleted, on another machine) and maps any copy of the
+   bytes, wherever it lies; identical bytes under several paths are one image anyway.
+
+The pack's mapping comes first because it is what training uses for a path; when the file at that
+path (as given, or under the image root) no longer has the packed bytes, a note says so. Anything else is one
+line naming every attempt.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from cache import cli as cache_cli
+from cache.reader import FeatureCache
+
+__all__ = ["PackLookup", "add_parser"]
 
 RECOMPUTE_OPTIONS = ("config", "packed", "device", "tolerance")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    return cache_cli.add_parser(subparsers, extensions={"verify": add_recompute_options})
+    return cache_cli.add_parser(subparsers, PackLookup(), extensions={"verify": add_recompute_options})
+
+
+def recorded_pack(cache: FeatureCache) -> str | None:
+    """The pack ``movekd extract`` read, as its config named it (None when not recorded)."""
+    config = cache.manifest.notes.get("extract_config")
+    packed = config.get("packed") if isinstance(config, dict) else None
+    return packed if isinstance(packed, str) and packed else None
+
+
+class PackLookup:
+    help = (
+        "or an image path: as in the LLaVA JSON (relative to the pack's image root), a file under "
+        "the image root, or any file with the same bytes (a key is a hash of the content)"
+    )
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--packed",
+            metavar="DIR",
+            help="the movekd pack output to look image paths up in (default: the one recorded by movekd extract)",
+        )
+
+    def __call__(self, cache: FeatureCache, name: str, args) -> tuple[str | None, list[str]]:
+        from pipeline.packed_dataset import KEY_HEX, file_sha256
+
+        tried = []
+        key, packed_file = self._in_pack(cache, name, getattr(args, "packed", None), tried)
+        if key is not None:
+            on_disk = name if os.path.isfile(name) else packed_file
+            content = file_sha256(on_disk)[:KEY_HEX] if on_disk and os.path.isfile(on_disk) else key
+            if content == key:
+                return key, []
+            return key, [
+                f"{name}: the file's bytes ({on_disk}) differ from what was packed under this path (content key "
+                f"{content}, packed {key}); showing the packed image, which is what training uses"
+            ]
+        if not os.path.isfile(name):
+            tried.append(f"no file {name} to hash")
+            return None, tried
+        content = file_sha256(name)[:KEY_HEX]
+        if content in cache:
+            return content, []
+        tried.append(f"file {name} has content key {content}, which is not in the cache")
+        return None, tried
+
+    def _in_pack(
+        self, cache: FeatureCache, name: str, pack: str | None, tried: list[str]
+    ) -> tuple[str | None, str | None]:
+        """(key, the file the pack read it from) of ``name`` in the pack's index; (None, None)."""
+        from pipeline.packed_dataset import PackedDataset
+
+        where = pack or recorded_pack(cache)
+        if where is None:
+            tried.append("the manifest records no pack to look paths up in (pass --packed DIR)")
+            return None, None
+        try:
+            packed = PackedDataset(where)
+        except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+            origin = "" if pack else ", recorded by movekd extract"
+            tried.append(f"the pack {where}{origin} is not readable ({' '.join(str(e).split())}; pass --packed DIR)")
+            return None, None
+        root = packed.index.get("image_root") or ""
+        for candidate in _relative_forms(name, root):
+            key = packed.key_for_path(candidate)
+            if key is not None:
+                return key, os.path.join(root, candidate) if root else None
+        tried.append(f"not an image path of the pack {packed.root} (image root {root})")
+        return None, None
+
+
+def _relative_forms(name: str, image_root: str) -> list[str]:
+    """``name`` as given, then (for an existing path) relative to the image root, if inside it."""
+    forms = [name]
+    if image_root and os.path.exists(name):
+        for path, root in (
+            (os.path.abspath(name), os.path.abspath(image_root)),
+            (os.path.realpath(name), os.path.realpath(image_root)),
+        ):
+            if os.path.commonpath([path, root]) == root and path != root:
+                forms.append(os.path.relpath(path, root).replace(os.sep, "/"))
+    return list(dict.fromkeys(forms))
 
 
 def add_recompute_options(p: argparse.ArgumentParser):
@@ -107,6 +208,3 @@ def _prepare(args: argparse.Namespace):
         tolerance=args.tolerance or 0.0,
         config_name=f"--config {args.config}" if args.config else None,
     )
-
-
-__all__ = ["add_parser"]

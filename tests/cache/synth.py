@@ -181,3 +181,79 @@ def downgrade_to_format_1(root: str) -> None:
         t["preprocess"].pop("alpha")
     with open(path, "w") as f:
         json.dump(meta, f)
+
+
+def release_like_manifest(num_shards: int = 559, shard_size: int = 1000) -> CacheManifest:
+    """A manifest with the names, sources, layers, grids and codecs of the released teacher set
+    (jobs/configs movekd_v1_1_finetune, plus pix2struct and the longest codec names): for checking
+    that text output fits a terminal. Creating it writes array metadata only."""
+    imagenet = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+    def pre(resolution, **kw):
+        return PreprocessSpec(resolution=resolution, aspect="pad", **kw)
+
+    teachers = [
+        make_teacher(
+            "clip",
+            (24, 24),
+            1024,
+            "int8",
+            family="clip",
+            source="openai/clip-vit-large-patch14-336",
+            layer="hidden_states[-2][:, 1:]",
+            preprocess=pre(336),
+            has_cls=True,
+        ),
+        make_teacher(
+            "sam",
+            (64, 64),
+            256,
+            "int8_channel",
+            family="sam",
+            source="facebook/sam-vit-large",
+            layer="vision_encoder.neck output (channels-last, row-major)",
+            preprocess=pre(
+                1024, resize="longest_edge", crop="none", pad="bottom_right", interpolation="bilinear", **imagenet
+            ),
+        ),
+        make_teacher(
+            "eva",
+            (64, 64),
+            1024,
+            "int4_g64",
+            family="eva_vitdet",
+            source="/data/weights/eva02_L_coco_det_sys_o365.pth",
+            layer="last block output [B, H, W, C] (no final norm, no CLS token), tokens row-major",
+            preprocess=pre(1024, **imagenet),
+        ),
+        make_teacher(
+            "convnext",
+            (32, 32),
+            3072,
+            "ecsq",
+            family="convnext",
+            source="timm/convnext_xxlarge.clip_laion2b_soup_ft_in1k",
+            layer="forward_intermediates: last block/stage output, no norm, prefix tokens dropped",
+            preprocess=pre(1024),
+        ),
+        make_teacher(
+            "pix2struct",
+            (32, 32),
+            1536,
+            "bf16",
+            family="pix2struct",
+            source="google/pix2struct-large",
+            layer="encoder last_hidden_state (fixed (48, 48) patch grid)",
+            resample="area",
+            native_grid=(48, 48),
+            preprocess=pre(768, interpolation="bilinear", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+        ),
+    ]
+    return CacheManifest(
+        teachers=teachers,
+        num_shards=num_shards,
+        shard_size=shard_size,
+        dataset_fingerprint="9f2c4e1b7a3d5f6e8c0b2a4d6e8f0a1c3e5b7d9f1a3c5e7b9d0f2a4c6e8b0d2f",
+        dataset_name="LLaVA-665K",
+        cls_teacher="clip",
+    )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cache import NULL_KEY, cli, open_cache
+from cache import NULL_KEY, CacheManifest, CacheWriter, cli, open_cache
 from tests.cache import synth
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,8 @@ def test_inspect_json(capsys, built_cache):
     assert info["manifest"]["created"] == manifest.created and info["manifest"]["package_version"]
     on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     assert info["bytes_on_disk"] == on_disk and info["raw_bf16_bytes_per_image"] == RAW_BF16
-    assert info["ratio_to_raw_bf16"] == pytest.approx(on_disk / 11 / RAW_BF16)
+    image_rows = sum(_data_file_bytes(Path(path), {0, 1, 2}).values())  # not the no-image row, not metadata
+    assert info["ratio_to_raw_bf16"] == pytest.approx(image_rows / 11 / RAW_BF16)
     eva = {t["name"]: t for t in info["teachers"]}["eva"]
     assert (eva["tokens"], eva["grid"], eva["channels"], eva["codec"]) == (64, [8, 8], 32, "int8")
     assert eva["preprocess"]["resolution"] == 112 and not eva["is_cls_teacher"]
@@ -92,6 +93,170 @@ def test_inspect_incomplete_cache(capsys, tmp_path, manifest):
     assert info["shards"] == {"committed": 1, "total": 3, "null_row_committed": False}
     assert info["images"] == {"valid": 3, "failed": 0, "total": 3}
     assert "NOT committed" in run(capsys, "inspect", tmp_path / "c")[1]
+
+
+def _data_file_bytes(root: Path, shards) -> dict[str, int]:
+    """Bytes of every array's zarr shard files for ``shards``, per array path, read off the disk."""
+    out: dict[str, int] = {}
+    for f in root.rglob("*"):
+        rel = f.relative_to(root).as_posix()
+        head, sep, tail = rel.rpartition("/c/")
+        if f.is_file() and sep and int(tail.split("/")[0]) in shards:
+            out[head] = out.get(head, 0) + f.stat().st_size
+    return out
+
+
+def test_inspect_bytes_per_image_counts_the_image_rows_only(capsys, own_cache, manifest):
+    """bytes/img = the data shards' array files / rows; the no-image row, zarr.json, markers and
+    reports are shown apart, and the parts add up to the bytes on disk."""
+    (own_cache / "_reports").mkdir()
+    (own_cache / "_reports" / "extract-20261203-075000.json").write_text("{}" + " " * 20000)
+    code, out, _ = run(capsys, "inspect", own_cache, "--json")
+    info = json.loads(out)
+    files = sum(f.stat().st_size for f in own_cache.rglob("*") if f.is_file())
+    image_rows = _data_file_bytes(own_cache, {0, 1, 2})
+    null_row = _data_file_bytes(own_cache, {3})
+    parts = info["bytes"]
+    assert code == 0 and sum(parts.values()) == info["bytes_on_disk"] == files
+    assert parts["image_rows"] == sum(image_rows.values()) and parts["no_image_row"] == sum(null_row.values())
+    assert parts["reports"] == 20002 and parts["uncommitted_shards"] == 0
+    assert parts["metadata"] == files - sum(image_rows.values()) - sum(null_row.values()) - 20002
+    assert info["bytes_per_image"] == pytest.approx(sum(image_rows.values()) / 11)
+    assert info["ratio_to_raw_bf16"] == pytest.approx(sum(image_rows.values()) / 11 / RAW_BF16)
+    per_teacher = {t["name"]: t for t in info["teachers"]}
+    for name, t in per_teacher.items():
+        mine = sum(v for k, v in image_rows.items() if k.startswith(f"teachers/{name}/"))
+        assert t["bytes_image_rows"] == mine and t["bytes_per_image"] == pytest.approx(mine / 11), name
+        assert t["bytes_no_image_row"] == sum(v for k, v in null_row.items() if k.startswith(f"teachers/{name}/"))
+    aux = sum(v for k, v in image_rows.items() if k.startswith("aux/"))
+    assert info["aux"]["bytes_image_rows"] == aux > 0
+    assert sum(t["bytes_per_image"] for t in per_teacher.values()) + aux / 11 == pytest.approx(info["bytes_per_image"])
+    text = run(capsys, "inspect", own_cache)[1]
+    assert "no-image row" in text and "metadata/reports" in text and "per image" in text
+
+
+def test_inspect_counts_uncommitted_shard_files_apart(capsys, tmp_path, manifest):
+    synth.build_cache(tmp_path / "c", manifest, shards=[0, 1, 2], null=True)
+    (tmp_path / "c" / "_commits" / "shard-00002.json").unlink()  # shard 2's files stay, invisible
+    info = json.loads(run(capsys, "inspect", tmp_path / "c", "--json")[1])
+    assert info["bytes"]["uncommitted_shards"] == sum(_data_file_bytes(tmp_path / "c", {2}).values()) > 0
+    assert info["bytes"]["image_rows"] == sum(_data_file_bytes(tmp_path / "c", {0, 1}).values())
+    assert info["bytes_per_image"] == pytest.approx(info["bytes"]["image_rows"] / 8)
+    assert "uncommitted" in run(capsys, "inspect", tmp_path / "c")[1]
+
+
+def test_inspect_parts_add_up_on_a_memory_store(capsys, memory_url, manifest):
+    synth.build_cache(memory_url, manifest)
+    info = json.loads(run(capsys, "inspect", memory_url, "--json")[1])
+    assert sum(info["bytes"].values()) == info["bytes_on_disk"] > info["bytes"]["image_rows"] > 0
+    assert info["bytes"]["no_image_row"] > 0 and info["bytes_per_image"] == pytest.approx(
+        info["bytes"]["image_rows"] / 11
+    )
+
+
+def test_inspect_of_an_empty_cache_has_no_bytes_per_image(capsys, tmp_path, manifest):
+    synth.build_cache(tmp_path / "c", manifest, shards=[], null=False)
+    info = json.loads(run(capsys, "inspect", tmp_path / "c", "--json")[1])
+    assert info["bytes_per_image"] is None and info["bytes"]["image_rows"] == 0 and info["bytes"]["metadata"] > 0
+    assert "per image -" in run(capsys, "inspect", tmp_path / "c")[1]
+
+
+WIDTH = 100
+
+
+def _widest(text: str) -> int:
+    lines = text.splitlines()
+    assert lines[0].startswith("cache ")  # the location is printed whole, however long
+    return max(len(line) for line in lines[1:])
+
+
+def test_inspect_table_fits_100_columns(capsys, tmp_path):
+    from cache.summary import format_inspect, inspect_cache
+
+    path = tmp_path / "release"
+    CacheWriter.create(path, synth.release_like_manifest())  # array metadata only: no rows written
+    info = inspect_cache(open_cache(path))
+    for t in info["teachers"]:  # per-image sizes at the real scale (hundreds of KiB to MiB)
+        t["bytes_per_image"], t["ratio_to_raw_bf16"] = 0.31 * t["raw_bf16_bytes_per_image"], 0.31
+    info["images"] = {"valid": 558127, "failed": 873, "total": 559000}
+    info["bytes_per_image"], info["ratio_to_raw_bf16"] = 6.89e6, 0.343
+    info["bytes"] = {k: 3.85e12 for k in info["bytes"]}
+    text = format_inspect(info)
+    assert _widest(text) <= WIDTH, "\n" + text
+    for word in (
+        "pix2struct",
+        "eva_vitdet",
+        "int8_channel",
+        "int4_g64",
+        "area from 48x48",
+        "timm/convnext_xxlarge.clip_laion2b_soup_ft_in1k",
+        "last block output [B, H, W, C] (no final norm, no CLS token), tokens row-major",
+        "1024 longest_edge, bilinear, pad bottom_right, aspect pad",
+    ):
+        assert word in text, word  # nothing dropped: long values are wrapped, never cut
+    code, out, _ = run(capsys, "inspect", path)
+    assert code == 0 and _widest(out) <= WIDTH
+    full = json.loads(run(capsys, "inspect", path, "--json")[1])
+    eva = {t["name"]: t for t in full["teachers"]}["eva"]
+    assert eva["layer"].endswith("tokens row-major") and eva["source"].endswith(".pth") and eva["preprocess"]
+
+
+def test_inspect_of_a_format_1_cache_fits_100_columns(capsys, tmp_path, manifest):
+    synth.build_cache(tmp_path / "c", manifest)
+    synth.downgrade_to_format_1(str(tmp_path / "c"))  # adds the --rewrite-null-row hint
+    out = run(capsys, "inspect", tmp_path / "c")[1]
+    assert "--rewrite-null-row" in out and _widest(out) <= WIDTH
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+def test_keys_lists_every_image_in_row_order(capsys, built_cache):
+    path, manifest = built_cache
+    code, out, err = run(capsys, "keys", path)
+    every = [k for s in range(manifest.num_shards) for k in synth.shard_keys(manifest, s)]
+    assert code == 0 and err == "" and out == "".join(k + "\n" for k in every)  # failed ones too
+    assert NULL_KEY not in out  # the no-image row is not an image
+    code, out, _ = run(capsys, "keys", path, "--failed")
+    assert code == 0 and out == "img-001-01\timage decode error: truncated JPEG\n"
+    code, out, _ = run(capsys, "keys", path, "--shard", "2")
+    assert code == 0 and out.split() == synth.shard_keys(manifest, 2)
+    code, out, _ = run(capsys, "keys", path, "--shard", "0", "--failed")
+    assert code == 0 and out == ""
+
+
+def test_keys_errors(capsys, tmp_path, manifest):
+    synth.build_cache(tmp_path / "c", manifest, shards=[0], null=True)
+    code, out, err = run(capsys, "keys", tmp_path / "c", "--shard", "1")
+    assert code == 2 and out == "" and "shard 1 is not committed" in err and len(err.splitlines()) == 1
+    code, _, err = run(capsys, "keys", tmp_path / "c", "--shard", "3")
+    assert code == 2 and "0..2" in err and NULL_KEY in err  # shard 3 is the no-image row's
+    code, _, err = run(capsys, "keys", tmp_path / "missing")
+    assert code == 2 and "no cache at" in err
+
+
+def test_keys_stops_quietly_when_the_pipe_closes(tmp_path):
+    """`movekd cache keys C | head -1`: the reader goes away; no traceback, no error line."""
+    manifest = CacheManifest(
+        teachers=[synth.make_teacher("t", (1, 1), 2, "bf16")],
+        num_shards=1,
+        shard_size=6000,
+        dataset_fingerprint="sha256:many",
+    )
+    keys = [f"image-{i:08d}" for i in range(6000)]  # 90 KB of output: more than a pipe holds
+    CacheWriter.create(tmp_path / "c", manifest).write_shard(0, keys, {"t": np.ones((6000, 1, 2), np.float32)})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cache", "keys", str(tmp_path / "c")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout.readline() == b"image-00000000\n"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and err == "", err
 
 
 # -- verify --------------------------------------------------------------------------------------
@@ -165,7 +330,7 @@ def test_show_table_and_key_errors(capsys, built_cache):
     code, out, err = run(capsys, "show", path, "img-001-01")
     assert code == 2 and out == "" and "failed extraction" in err and "truncated JPEG" in err
     code, _, err = run(capsys, "show", path, "no-such-image")
-    assert code == 2 and err.startswith("error: image key 'no-such-image' is not in any committed shard")
+    assert code == 2 and err.startswith("error: 'no-such-image' is not an image key of ") and len(err.splitlines()) == 1
 
 
 # -- stats ---------------------------------------------------------------------------------------
@@ -230,6 +395,61 @@ def test_attn_heatmap_with_and_without_image(capsys, built_cache, tmp_path):
     assert code == 0 and over.shape == plain.shape and np.abs(over - plain).mean() > 1
 
 
+def _attn_cache(path, rows: dict[str, np.ndarray]):
+    """A cache whose shard 0 holds the given [CLS] attention rows (4x4 grid) under their keys."""
+    manifest = synth.make_manifest(num_shards=1)
+    keys = list(rows)
+    data = synth.shard_data(manifest, 0)
+    features = {t: x[: len(keys)] for t, x in data["features"].items()}
+    cls_attn = np.stack([rows[k] for k in keys]).astype(np.float32)
+    CacheWriter.create(path, manifest).write_shard(0, keys, features, data["cls_state"][: len(keys)], cls_attn)
+
+
+def _heat_pixels(png, fig) -> np.ndarray:
+    """The PNG's pixels inside the heatmap (a 4-pixel margin inside the image's box)."""
+    image = _png(png)
+    box = fig.axes[0].images[-1].get_window_extent()  # display pixels, origin bottom left
+    height = image.shape[0]
+    x0, x1 = int(np.ceil(box.x0)) + 4, int(np.floor(box.x1)) - 4
+    y0, y1 = height - int(np.floor(box.y1)) + 4, height - int(np.ceil(box.y0)) - 4
+    assert x1 - x0 > 100 and y1 - y0 > 100
+    return image[y0:y1, x0:x1].reshape(-1, 3)
+
+
+def test_attn_colour_scale_is_relative_to_uniform(capsys, tmp_path):
+    """A near-uniform row (every token within 1% of 1/N) draws as one flat colour; a peaked row
+    spreads over the scale; the colour bar is in multiples of uniform and says what 1/N is."""
+    rng = np.random.default_rng(0)
+    flat = np.full(16, 1 / 16) * (1 + 0.01 * rng.uniform(-1, 1, 16))
+    peaked = np.full(16, 0.5 / 15)
+    peaked[5] = 0.5
+    _attn_cache(tmp_path / "c", {"flat": flat / flat.sum(), "peaked": peaked})
+    spread = {}
+    for key, heat in (("flat", flat / flat.sum()), ("peaked", peaked)):
+        code, _, _ = run(capsys, "attn", tmp_path / "c", key, "--out", tmp_path / f"{key}.png")
+        fig = cli.draw_attention(heat.reshape(4, 4), str(tmp_path / f"again-{key}.png"), key)
+        pixels = _heat_pixels(tmp_path / f"{key}.png", fig)
+        spread[key] = int((pixels.max(axis=0) - pixels.min(axis=0)).max())
+        assert code == 0
+    assert spread["flat"] <= 6 and spread["peaked"] >= 100, spread
+    bar = fig.axes[1]
+    low, high = sorted(bar.get_ylim())
+    assert "x uniform" in bar.get_ylabel() and "1/N = 0.0625" in bar.get_ylabel()
+    assert low * high == pytest.approx(1, rel=1e-6) and high >= 2  # symmetric around uniform (log scale)
+    assert high == pytest.approx(8.0, rel=0.05)  # the peak: 0.5 / (1/16) = 8 x uniform
+    title = fig.axes[0].get_title()
+    assert "8.00x" in title and "0.53x" in title and "entropy" in title
+
+
+def test_attention_range_in_show(capsys, built_cache):
+    code, out, _ = run(capsys, "show", built_cache[0], "img-000-00", "--json")
+    a = json.loads(out)["cls_attn"]
+    attn = open_cache(built_cache[0]).read(["img-000-00"]).cls_attn[0].astype(np.float64)
+    assert a["max_x_uniform"] == pytest.approx(attn.max() / attn.mean(), rel=1e-9)
+    assert a["min_x_uniform"] == pytest.approx(attn.min() / attn.mean(), rel=1e-9)
+    assert "x uniform" in run(capsys, "show", built_cache[0], "img-000-00")[1]
+
+
 def test_teacher_view_follows_the_preprocess_spec():
     from cache.manifest import PreprocessSpec
 
@@ -276,10 +496,30 @@ def test_wrong_version_is_one_line_exit_2(capsys, own_cache):
 def test_every_option_has_help():
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if a.dest == "cache_command").choices
-    assert set(commands) == {"inspect", "verify", "show", "attn", "stats"}
+    assert set(commands) == {"inspect", "verify", "keys", "show", "attn", "stats"}
     for name, sub in commands.items():
         for action in sub._actions:
             assert action.help, f"{name}: {action.dest} has no help text"
+
+
+def _all_helps(parser) -> dict[str, str]:
+    out = {"": parser.format_help()}
+    commands = next(a for a in parser._actions if a.dest == "cache_command").choices
+    out.update({name: sub.format_help() for name, sub in commands.items()})
+    return out
+
+
+def test_help_texts_show_no_markup():
+    """Helps are read in a terminal: no reStructuredText double backticks in them."""
+    import argparse
+
+    from jobs import cache_cli
+
+    movekd = argparse.ArgumentParser(prog="movekd")
+    cache_parser = cache_cli.add_parser(movekd.add_subparsers())
+    for prog, parser in (("python -m cache", cli.build_parser()), ("movekd cache", cache_parser)):
+        for name, text in _all_helps(parser).items():
+            assert "``" not in text, f"{prog} {name} --help:\n{text}"
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
