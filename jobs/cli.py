@@ -12,7 +12,9 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
+import textwrap
 
 # verb -> module; imported lazily so `movekd cache ...` never pays for importing torch or ray.
 VERBS = {
@@ -47,8 +49,57 @@ DESCRIPTIONS = {
 }
 
 
+_MARKUP = (
+    (re.compile(r":[a-z]+:`([^`]+)`"), r"'\1'"),  # RST roles, :func:`x`
+    (re.compile(r"``(.+?)``", re.S), r"'\1'"),  # RST literals
+    (re.compile(r"`([^`\n]+)`"), r"'\1'"),  # markdown code
+    (re.compile(r"\*\*(.+?)\*\*", re.S), r"\1"),  # bold
+    (re.compile(r"::$", re.M), ":"),  # RST "literal block follows"
+)
+
+
+def plain_text(text: str) -> str:
+    """Docstring markup (RST ````x````, markdown ```x```, ``**x**``) as plain text: code as ``'x'``."""
+    for pattern, repl in _MARKUP:
+        text = pattern.sub(repl, text)
+    return text
+
+
+class ReadableHelpFormatter(argparse.HelpFormatter):
+    """``--help`` from docstrings: markup shown as plain text (``plain_text``); a description keeps
+    its paragraphs and its ``- `` bullet items (re-wrapped; argparse's default runs them together)
+    and its indented literal blocks (verbatim)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for para in re.split(r"\n\s*\n", plain_text(textwrap.dedent(text)).strip("\n")):
+            if all(line.startswith("    ") for line in para.splitlines()):
+                out.append("\n".join(indent + line for line in para.splitlines()))
+                continue
+            items = re.split(r"\n(?=\s*- )", para)
+            lines = []
+            for item in items:
+                words = " ".join(item.split())
+                hang = "  " if words.startswith("- ") else ""
+                lines.append(textwrap.fill(words, width, initial_indent=indent, subsequent_indent=indent + hang))
+            out.append("\n".join(lines))
+        return "\n\n".join(out)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return super()._split_lines(plain_text(text), width)
+
+
+class ReadableArgumentParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose help is ``ReadableHelpFormatter``'s. Sub-parsers are made with
+    the parent's class, so every verb and sub-command (``movekd cache inspect``) gets it too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", ReadableHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(verbs: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ReadableArgumentParser(
         prog="movekd",
         description="Offline multi-teacher distillation for MoVE-KD: pack, extract, cache, train.",
     )
@@ -131,7 +182,7 @@ def guarded(prog: str, run, args, debug: bool = False) -> int:
 def run_module(prog: str, description: str, add_arguments, run, argv: list[str] | None = None) -> int:
     """``python -m jobs.VERB``: the verb's own parser and runner, without the ``movekd`` wrapper."""
     prepare_process(prog.rsplit(".", 1)[-1])
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = ReadableArgumentParser(prog=prog, description=description)
     add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)

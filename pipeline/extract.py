@@ -29,6 +29,7 @@ import logging
 import time
 
 from cache.diskfull import is_disk_full
+from cache.load_report import LOAD_NOTES
 from pipeline.extract_config import ExtractConfig
 from pipeline.extract_plan import ExtractPlan, build_manifest, check_inputs, plan
 from pipeline.extract_queue import ShardQueue
@@ -58,6 +59,8 @@ def extract_in_process(cfg: ExtractConfig, extractor=None, repair: bool = False)
     t0 = time.perf_counter()
     packed = check_inputs(cfg)  # before loading any teacher
     extractor = extractor or ShardExtractor(cfg)
+    for note in extractor.load_notes():
+        logging.getLogger(LOAD_NOTES).info(note)
     p = plan(cfg, extractor.describe(), packed, repair=repair)
     extractor.bind(p.manifest)
     report = p.new_report()

@@ -27,6 +27,7 @@ import sys
 import time
 
 from cache.diskfull import is_disk_full
+from cache.load_report import LOAD_NOTES
 from pipeline.extract_config import ExtractConfig
 from pipeline.extract_plan import ExtractPlan, check_inputs, plan
 from pipeline.extract_queue import ShardQueue
@@ -83,6 +84,8 @@ def run_on_ray(cfg: ExtractConfig, repair: bool = False) -> ExtractReport:
     check_cluster(cfg)  # before loading any teacher: unplaceable workers would wait forever
     pool = _ActorPool(cfg)
     try:
+        for note in ray.get(pool.actors[0].load_notes.remote()):  # every actor loaded the same: say it once
+            logging.getLogger(LOAD_NOTES).info(note)
         p = plan(cfg, ray.get(pool.actors[0].describe.remote()), packed, repair=repair)
         pool.bind(p.manifest.to_dict())
         report = p.new_report()

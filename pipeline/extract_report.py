@@ -33,7 +33,8 @@ class ExtractReport:
     shards_failed: dict[int, str] = field(default_factory=dict)
     failed_images: dict[str, str] = field(default_factory=dict)
     worker_restarts: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run: start-up (Ray, teacher loading), shards, report
+    extract_seconds: float = 0.0  # from the first shard handed out to the last one finished
     shards_by_others: dict[int, str] = field(default_factory=dict)  # committed by another driver meanwhile
     shards_damaged: dict[int, str] = field(default_factory=dict)  # found damaged, not repaired (no --repair)
     shards_repaired: list[int] = field(default_factory=list)  # damaged shards this run re-extracts
@@ -43,8 +44,28 @@ class ExtractReport:
     def ok(self) -> bool:
         return not self.shards_failed and not self.shards_damaged and self.stopped is None
 
+    @property
+    def null_shard(self) -> int:
+        """The reserved no-image row's shard (after the data shards)."""
+        return self.shards_total - 1
+
+    def no_image_row(self) -> str:
+        """What happened to the no-image row in this run, in words."""
+        n = self.null_shard
+        for done, words in (
+            (n in self.shards_done, "written"),
+            (n in self.shards_skipped, "already committed"),
+            (n in self.shards_by_others, "committed by another driver"),
+            (n in self.shards_failed, "FAILED"),
+            (n in self.shards_damaged, "DAMAGED"),
+        ):
+            if done:
+                return words
+        return "not written (the run stopped first)"
+
     def to_dict(self) -> dict:
-        images = sum(s["images"] for s in self.shards_done.values())
+        # images = the data shards' rows; the no-image row (one row, no image) is reported apart
+        images = sum(s["images"] for k, s in self.shards_done.items() if k != self.null_shard)
         stages: dict[str, float] = {}
         for s in self.shards_done.values():
             for k, v in s["stage_seconds"].items():
@@ -59,7 +80,9 @@ class ExtractReport:
             "shards_failed": {str(k): v for k, v in self.shards_failed.items()},
             "images_processed": images,
             "images_failed": self.failed_images,
-            "images_per_second": round(images / self.seconds, 3) if self.seconds else None,
+            "extract_seconds": round(self.extract_seconds, 3),
+            "images_per_second": round(images / self.extract_seconds, 3) if self.extract_seconds else None,
+            "no_image_row": self.no_image_row(),
             "worker_restarts": self.worker_restarts,
             "shards_by_other_drivers": {str(k): v for k, v in sorted(self.shards_by_others.items())},
             "shards_damaged": {str(k): v for k, v in sorted(self.shards_damaged.items())},
@@ -70,12 +93,32 @@ class ExtractReport:
         }
 
 
+def format_rate(images: int, seconds: float) -> str:
+    """A rate a person reads at any speed: ``2.50 img/s``, or ``25.0 s/img`` below 1 img/s (at
+    real size one image through every teacher can take seconds; ``0.0 img/s`` says nothing)."""
+    if images <= 0 or seconds <= 0:
+        return "-"
+    rate = images / seconds
+    if rate < 1:
+        return f"{seconds / images:.1f} s/img"
+    return f"{rate:.2f} img/s" if rate < 100 else f"{rate:.0f} img/s"
+
+
+# tqdm's own rate is left out: ours (the run's mean, images only) is the one postfix field
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+
+
 class ShardTracker:
-    """Records finished/failed shards into a report and drives the progress bar."""
+    """Records finished/failed shards into a report and drives the progress bar.
+
+    The bar counts the images of the data shards to do plus, when it is to do, the no-image row
+    (one step, so 100 % means the run is done); its rate counts images only."""
 
     def __init__(self, report: ExtractReport, todo: list[int], images: int, num_shards: int, progress: bool):
         self.report, self.todo, self.num_shards = report, todo, num_shards
-        self.bar = tqdm(total=images, desc="extract", unit="img", disable=not progress)
+        null = num_shards in todo
+        desc = "extract (+ no-image row)" if null else "extract"
+        self.bar = tqdm(total=images + null, desc=desc, unit="img", bar_format=BAR_FORMAT, disable=not progress)
         self.t_start = time.perf_counter()
 
     def done(self, shard: int, summary: dict) -> None:
@@ -85,13 +128,12 @@ class ShardTracker:
         r = self.report
         r.shards_done[shard] = summary
         r.failed_images.update(summary["failed"])
-        if shard < self.num_shards:
-            self.bar.update(summary["images"])
-        images = sum(s["images"] for s in r.shards_done.values())
+        self.bar.update(summary["images"] if shard < self.num_shards else 1)
+        images = sum(s["images"] for k, s in r.shards_done.items() if k < self.num_shards)
         self.bar.set_postfix(
             shards=f"{len(r.shards_done)}/{len(self.todo)}",
             failed=len(r.failed_images),
-            img_s=f"{images / max(time.perf_counter() - self.t_start, 1e-9):.1f}",
+            rate=format_rate(images, time.perf_counter() - self.t_start),
         )
 
     def failed(self, shard: int, reason: str) -> None:
@@ -102,6 +144,7 @@ class ShardTracker:
         self.report.shards_by_others[shard] = why
 
     def close(self) -> None:
+        self.report.extract_seconds = time.perf_counter() - self.t_start
         self.bar.close()
 
 
@@ -137,7 +180,9 @@ def summarize(report: ExtractReport, repair_command: str | None = None) -> str:
         f"shards: {len(d['shards_done'])} written, {len(d['shards_skipped'])} already committed, "
         f"{len(d['shards_failed'])} failed (of {d['shards_total']} incl. the no-image row)",
         f"images: {d['images_processed']} processed, {len(d['images_failed'])} failed, "
-        f"{d['images_per_second']} img/s over {d['seconds']} s, worker restarts: {d['worker_restarts']}",
+        f"{format_rate(d['images_processed'], report.extract_seconds)} over {d['extract_seconds']} s "
+        f"({d['seconds']} s with start-up), worker restarts: {d['worker_restarts']}",
+        f"no-image row (the black input of text-only rows): {d['no_image_row']}",
     ]
     if d["shards_by_other_drivers"]:
         owners = sorted(set(d["shards_by_other_drivers"].values()))

@@ -10,6 +10,8 @@ Decisions:
   commit marker with its reason and its row is marked invalid; it never fails the shard.
 - This class is plain Python; ``pipeline.extract`` wraps it in a Ray actor. It returns only a
   small summary (feature tensors never travel through Ray's object store).
+- What loading dropped from a checkpoint (``cache.load_report``: a CLIPModel's text tower) is
+  kept as ``load_notes()`` instead of being logged by every actor: the runner says it once.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from PIL import Image
 
 from cache.codecs import NonFiniteError, get_codec
+from cache.load_report import held_load_notes
 from cache.manifest import CacheManifest, PreprocessSpec
 from cache.marker import NULL_KEY
 from cache.preprocess import null_image_tensor, preprocess_image
@@ -53,7 +56,9 @@ class ShardExtractor:
         self.device = resolve_device(cfg.device)
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.teachers = {s.name: build_teacher(s, device=self.device) for s in cfg.teachers}
+        with held_load_notes() as notes:
+            self.teachers = {s.name: build_teacher(s, device=self.device) for s in cfg.teachers}
+        self._load_notes = notes.messages()
         specs = {}
         for t in self.teachers.values():
             specs.setdefault(t.preprocess_spec, len(specs))
@@ -64,6 +69,10 @@ class ShardExtractor:
     def describe(self) -> list[dict]:
         """The manifest entries of the loaded teachers (the driver builds the manifest from these)."""
         return [t.manifest_entry(self.cfg.codec_for(n)).to_dict() for n, t in self.teachers.items()]
+
+    def load_notes(self) -> list[str]:
+        """One line per teacher whose checkpoint held weights it does not use (what was dropped)."""
+        return list(self._load_notes)
 
     def pid(self) -> int:
         return os.getpid()

@@ -18,18 +18,24 @@ Decisions:
 - Projector keys are ``0.*``/``2.*`` (an ``nn.Sequential``), the layout of LLaVA's ``mm_projector``.
 - Activation checkpointing on the LLM is non-reentrant, so it works when the LLM is frozen and
   its inputs carry no grad (stage 1, all-text batches) without ``enable_input_require_grads``.
+- The tower loads strictly (``load_vision_tower``): the released tower is the vision half of a
+  full ``CLIPModel`` checkpoint, whose text tower is dropped in one logged line (transformers'
+  key-by-key report is held back, ``cache.load_report``); a weight the tower needs and the
+  checkpoint lacks, or one of the wrong shape, is an error, never a silent random init.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPVisionModel
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
 
+from cache.load_report import LOAD_NOTES, NOTE, dropped_weights_note, held_load_report
 from student.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
@@ -252,7 +258,7 @@ def build_llava(
     freshly initialised projector (in ``torch_dtype``, default float32)."""
     attn = attn_implementation or default_attn_implementation(torch_dtype)
     kwargs = {"dtype": torch_dtype, "attn_implementation": attn}
-    vision = CLIPVisionModel.from_pretrained(vision_path, **kwargs)
+    vision = load_vision_tower(vision_path, **kwargs)
     llm = AutoModelForCausalLM.from_pretrained(llm_path, **kwargs)
     llm_dim = llm.get_input_embeddings().embedding_dim
     proj = build_projector(projector, vision.config.hidden_size, llm_dim)
@@ -260,3 +266,23 @@ def build_llava(
     if gradient_checkpointing:
         model.set_gradient_checkpointing(True)
     return model
+
+
+def load_vision_tower(path, **kwargs) -> CLIPVisionModel:
+    """``CLIPVisionModel.from_pretrained(path)``, strict: missing or mismatched weights are a
+    ``ValueError`` (after transformers' own report); the other towers of a full ``CLIPModel``
+    checkpoint are dropped with one line on the ``movekd.load`` logger."""
+    with held_load_report() as report:
+        vision, info = CLIPVisionModel.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing, mismatched = sorted(info.get("missing_keys") or []), sorted(map(str, info.get("mismatched_keys") or []))
+    if missing or mismatched:
+        report.release()
+        raise ValueError(
+            f"vision_tower {str(path)!r} is not a complete CLIP vision checkpoint: missing {missing[:6]}"
+            f"{'...' if len(missing) > 6 else ''} ({len(missing)}), mismatched {mismatched[:6]}"
+        )
+    if info.get("unexpected_keys"):
+        arch = (AutoConfig.from_pretrained(path).architectures or [None])[0]
+        note = dropped_weights_note("student", "CLIPVisionModel", str(path), info["unexpected_keys"], arch)
+        logging.getLogger(LOAD_NOTES).info(note, extra=NOTE)
+    return vision

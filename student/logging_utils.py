@@ -9,11 +9,16 @@ Decisions:
   stacked vector); counts (samples, tokens, images) are summed over ranks.
 - The plot is drawn with matplotlib's Agg backend (no display needed) from the JSONL file alone,
   so it can also be redrawn offline with ``plot_losses(log, png)``.
+- A person follows a run either on the progress bar (a terminal) or, where the bar is not drawn
+  (stderr is a pipe or a file, as under a scheduler, or ``progress_bar=false``), on plain log
+  lines (``StepLines``), one every ``log_every`` steps: step, loss and its parts, lr, samples/s
+  since the previous line, ETA from this run's mean step time.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -51,6 +56,40 @@ class JsonlLogger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(dict(record), sort_keys=False) + "\n")
+
+
+class StepLines:
+    """Plain progress lines of a run (``line(record)`` per logged step): what the bar shows, for a log.
+
+    ``total`` and ``start`` are the run's last and first step (``start`` > 0 after a resume: the
+    ETA counts only this process's steps); ``clock`` is for tests."""
+
+    def __init__(self, total: int, start: int = 0, clock=time.perf_counter) -> None:
+        self.total, self.start, self.clock = total, start, clock
+        self.t0 = self.t_last = clock()
+        self.samples = 0  # since the last line
+
+    def line(self, record: Mapping) -> str:
+        now, step = self.clock(), int(record["step"])
+        window, self.t_last = max(now - self.t_last, 1e-9), now
+        samples, self.samples = self.samples, 0
+        done = max(step - self.start, 1)
+        eta = (now - self.t0) / done * max(self.total - step, 0)
+        parts = ", ".join(f"{k.split('/', 1)[1]} {record[k]:.4f}" for k in LOSS_KEYS[1:] if k in record)
+        return (
+            f"step {step}/{self.total} (epoch {record.get('epoch', 0)}): loss {record['loss']:.4f}"
+            + (f" ({parts})" if parts else "")
+            + f", lr {record['lr']:.2e}, {samples / window:.2f} samples/s, ETA {_clock_time(eta)}"
+        )
+
+    def count(self, record: Mapping) -> None:
+        """Every step's samples (also the steps between lines), for the rate."""
+        self.samples += int(record.get("samples", 0))
+
+
+def _clock_time(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def read_jsonl(path) -> list[dict]:

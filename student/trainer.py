@@ -24,6 +24,9 @@ Decisions:
   FSDP (uniform dtypes). CPU runs are fp32 throughout.
 - Checkpoints every ``save_every`` steps, when ``train(stop_after=N)`` stops early (preemption /
   tests) and at the end; the loss-curve PNG is drawn from the JSONL log when ``train`` returns.
+- Progress (rank 0): a tqdm bar when ``progress_bar`` is on and stderr is a terminal; otherwise
+  (a pipe, a log file, a scheduler) one plain log line every ``log_every`` steps
+  (``student.logging_utils.StepLines``, logger ``student.trainer``), so a log shows the run.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import dataclasses
 import logging
 import math
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +58,7 @@ from student.checkpoint import (
 from student.config import TrainConfig
 from student.distill_model import DistillModel
 from student.distributed import DistContext, wrap_model
-from student.logging_utils import JsonlLogger, plot_losses, reduce_metrics
+from student.logging_utils import JsonlLogger, StepLines, plot_losses, reduce_metrics
 from student.model import cast_frozen_, student_geometry
 from student.optim import build_optimizer, build_scheduler, total_steps
 from student.train_loop import SamplerPosition, StepTimer, accumulate_window, make_loader, optimizer_step
@@ -108,6 +112,7 @@ class Trainer:
         self.image_tokens = student_geometry(self.model.llava)[1]
         self.state, self.last_saved = TrainState(), None
         self.extensions: list[dict] = []  # the run's --extend history, carried by every checkpoint
+        self.lines: StepLines | None = None  # plain progress lines when no bar is drawn (set by train)
 
     # -- public ------------------------------------------------------------------------------------
     def train(self, resume: bool = False, stop_after: int | None = None, extend: bool = False) -> TrainState:
@@ -121,13 +126,15 @@ class Trainer:
             raise ValueError("extend=True continues a checkpointed run: it needs resume=True")
         self._start(resume, extend)
         self.model.train()
+        show_bar = self.cfg.progress_bar and self.ctx.is_main and _is_terminal(sys.stderr)
         bar = tqdm(
             total=self.total_steps,
             initial=self.state.step,
             desc=f"train {self.cfg.stage}",
-            disable=not (self.cfg.progress_bar and self.ctx.is_main),
+            disable=not show_bar,
             dynamic_ncols=True,
         )
+        self.lines = StepLines(self.total_steps, self.state.step) if self.ctx.is_main and not show_bar else None
         try:
             self._run(bar, stop_after)
         finally:
@@ -275,9 +282,18 @@ class Trainer:
 
     def _after_step(self, record: dict, bar) -> None:
         step = self.state.step
+        if self.lines is not None:
+            self.lines.count(record)
         if step % self.cfg.log_every == 0 or step == self.total_steps:
             self.logger.write(record)
+            if self.lines is not None:
+                log.info(self.lines.line(record))
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
         if step % self.cfg.save_every == 0:
             self.save()
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())

@@ -7,6 +7,9 @@ Decisions:
   state) or shape-mismatched key is a ``ValueError`` here.
   Unexpected keys are fine: vision classes load from full checkpoints (``CLIPVisionModel`` from a
   CLIPModel checkpoint, ``SamVisionModel`` from a SamModel one) and skip the other towers.
+  transformers' key-by-key report of them is held back (``cache.load_report``) and one line says
+  what was dropped (logger ``movekd.load``; the extraction runners say it once, not per actor); a
+  load that fails its checks prints transformers' report too.
 - Attention: ``flash_attention_2`` on CUDA when ``flash_attn`` imports, the class supports it and
   the compute dtype is 16-bit; else ``sdpa`` where supported; else eager.
 - sam: the vision encoder incl. neck, output [B, 256, 64, 64] for the real model, flattened to
@@ -28,11 +31,13 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
+from cache.load_report import LOAD_NOTES, NOTE, dropped_weights_note, held_load_report
 from pipeline.teachers.base import NativeOutput, Teacher, TeacherSpec, with_source
 from pipeline.teachers.hf_info import (
     DEFAULT_SOURCES,
@@ -67,23 +72,41 @@ def load_hf(cls: type, spec: TeacherSpec, device: torch.device) -> torch.nn.Modu
     """``cls.from_pretrained`` that refuses checkpoints with missing or mismatched weights."""
     source = spec.source
     try:
-        model, info = cls.from_pretrained(
-            source,
-            attn_implementation=attn_implementation(cls, device, spec),
-            dtype=torch.float32,
-            output_loading_info=True,
-            **spec.model_kwargs,
-        )
+        with held_load_report() as report:
+            model, info = cls.from_pretrained(
+                source,
+                attn_implementation=attn_implementation(cls, device, spec),
+                dtype=torch.float32,
+                output_loading_info=True,
+                **spec.model_kwargs,
+            )
     except (OSError, ValueError) as e:
         raise ValueError(f"teacher {spec.name}: cannot load {cls.__name__} from {source!r}: {e}") from e
-    missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith(_OUTPUT_ONLY_PREFIXES))
+    absent = sorted(info.get("missing_keys") or [])
+    missing = [k for k in absent if not k.startswith(_OUTPUT_ONLY_PREFIXES)]
     mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
     if missing or mismatched:
+        report.release()
         raise ValueError(
             f"teacher {spec.name}: {source!r} is not a complete {cls.__name__} checkpoint: "
             f"missing {missing[:6]}{'...' if len(missing) > 6 else ''}, mismatched {mismatched[:6]}"
         )
+    unexpected = info.get("unexpected_keys") or []
+    if unexpected or absent:
+        note = dropped_weights_note(spec.name, cls.__name__, source, unexpected, checkpoint_class(source), absent)
+        logging.getLogger(LOAD_NOTES).info(note, extra=NOTE)
     return model
+
+
+def checkpoint_class(source: str) -> str | None:
+    """The model class a checkpoint was saved from (its config's ``architectures``), if it says."""
+    from transformers import AutoConfig
+
+    try:
+        arch = AutoConfig.from_pretrained(source).architectures
+    except (OSError, ValueError):
+        return None
+    return arch[0] if arch else None
 
 
 def accepts_kwarg(model: torch.nn.Module, name: str) -> bool:
