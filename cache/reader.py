@@ -71,7 +71,7 @@ class CacheBatch:
 
     keys: list[str]
     rows: np.ndarray
-    features: dict[str, np.ndarray]
+    features: dict[str, np.ndarray]  # or {teacher: {component: array}} from read(decode=False)
     cls_state: np.ndarray | None
     cls_attn: np.ndarray | None
     valid: np.ndarray
@@ -196,8 +196,13 @@ class FeatureCache:
         dtype: np.dtype | str = np.float32,
         aux: bool = True,
         allow_invalid: bool = False,
+        decode: bool = True,
     ) -> CacheBatch:
-        """Read ``keys`` (in order) for ``teachers`` (default all), dequantised to ``dtype``."""
+        """Read ``keys`` (in order) for ``teachers`` (default all), dequantised to ``dtype``.
+
+        ``decode=False``: ``features[teacher]`` is the stored components instead, ``{component:
+        array [B, *shape]}`` exactly as the codec wrote them (``get_codec(codec).decode`` of them is
+        what ``decode=True`` returns), for a consumer that dequantises elsewhere (on the GPU)."""
         keys = list(keys)
         rows = np.array([self.row(k) for k in keys], dtype=np.int64)
         valid = np.array([k not in self._failed for k in keys], dtype=bool)
@@ -215,7 +220,7 @@ class FeatureCache:
                 c.name: self.read_rows(f"{TEACHERS}/{name}/{c.name}", rows)
                 for c in codec.components(t.tokens, t.channels)
             }
-            feats[name] = codec.decode(parts, dtype)
+            feats[name] = codec.decode(parts, dtype) if decode else parts
         cls_state = cls_attn = None
         if aux and self.manifest.cls_teacher is not None:
             cls_state = self.read_rows(CLS_STATE, rows).astype(dtype, copy=False)

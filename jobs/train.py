@@ -186,6 +186,7 @@ def build_training(cfg, dist_info: Dist, online: str | None = None):
         template=cfg.template,
         teachers=cfg.teachers,
         max_length=cfg.max_length,
+        encoded_targets=not online and cfg.decode_targets_on_device(dist_info.device),  # online: teachers fill them
     )
     for reason, info in {**records.skipped, **dataset.skipped}.items():
         log.warning("skipped %d rows: %s (e.g. %s)", info["count"], reason, ", ".join(info["examples"][:3]))

@@ -40,6 +40,12 @@ Decisions:
   ``DataLoader`` with ``batch_size`` calls instead of ``__getitem__`` per index, so the usual
   ``DataLoader(ds, batch_size=B, sampler=..., collate_fn=collate_distill)`` already batches
   reads, in worker processes too.
+- ``encoded_targets=True`` (``TrainConfig.target_decode: device``): samples carry the cache's
+  stored components instead of float32 ``targets``, ``encoded_targets = {teacher: {"codec": name,
+  "parts": {component: tensor}}}`` (views of the batch's read, no per-sample copy), which
+  ``collate_distill`` stacks; ``student.target_decode.decode_batch_targets`` dequantises them
+  on the training device, bit-identical to the host decode. 4x fewer bytes per sample through
+  the workers, pinning and the copy (BENCHMARKS.md, loading).
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ from student.conversation import (
     tokenize_conversation,
 )
 from student.llava import collate
+from student.target_decode import ENCODED_KEY
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +255,10 @@ class DistillDataset(torch.utils.data.Dataset):
         max_length: int = 2048,
         num_image_tokens: int | None = None,
         require_cls: bool = True,
+        encoded_targets: bool = False,
     ) -> None:
         self.cache, self.image_loader, self.tokenizer = cache, image_loader, tokenizer
+        self.encoded_targets = bool(encoded_targets)
         self.preprocess, self.template = preprocess, get_template(template).name
         self.teachers = check_cache(cache, preprocess, teachers, require_cls)
         self.num_image_tokens = _image_tokens(cache, num_image_tokens)
@@ -393,7 +402,7 @@ class DistillDataset(torch.utils.data.Dataset):
         """Samples for ``indices``, with all their cache rows read in one ``FeatureCache.read``."""
         records = [self.record(i) for i in indices]
         keys = [r.image_key if r.image_key is not None else NULL_KEY for r in records]
-        rows = self.cache.read(keys, self.teachers)
+        rows = self.cache.read(keys, self.teachers, decode=not self.encoded_targets)
         return [self._sample(rec, key, rows, j) for j, (rec, key) in enumerate(zip(records, keys))]
 
     __getitems__ = read_batch
@@ -430,29 +439,49 @@ class DistillDataset(torch.utils.data.Dataset):
             **text,
             "pixel_values": torch.from_numpy(self._pixels(rec)),
             "has_image": _splices_image(rec),  # image tokens in the LLM (not for a row without <image>)
-            "targets": {t: torch.from_numpy(np.array(rows.features[t][j])) for t in self.teachers},
             "key": key,
         }
+        if self.encoded_targets:
+            sample[ENCODED_KEY] = {t: self._encoded(t, rows.features[t], j) for t in self.teachers}
+        else:
+            sample["targets"] = {t: torch.from_numpy(np.array(rows.features[t][j])) for t in self.teachers}
         if rows.cls_state is not None:
             sample["cls_state"] = torch.from_numpy(np.array(rows.cls_state[j]))
             sample["cls_attn"] = torch.from_numpy(np.array(rows.cls_attn[j]))
         return sample
 
+    def _encoded(self, teacher: str, parts: Mapping[str, np.ndarray], j: int) -> dict[str, Any]:
+        codec = self.cache.manifest.teacher(teacher).codec
+        return {"codec": codec, "parts": {c: torch.from_numpy(arr[j]) for c, arr in parts.items()}}
+
 
 def collate_distill(samples: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """``student.llava.collate`` for the text (right padding, attention mask, IGNORE labels) and
-    pixels; stacks ``targets`` per teacher (``[B, N, C]``), ``cls_state``/``cls_attn`` when every
+    pixels; stacks ``targets`` per teacher (``[B, N, C]``) or, from ``encoded_targets=True``
+    samples, ``encoded_targets`` per teacher and component; ``cls_state``/``cls_attn`` when every
     sample has them; keeps ``keys`` as a list."""
     batch = collate(samples, pad_token_id)
-    teachers = list(samples[0]["targets"])
-    if any(list(s["targets"]) != teachers for s in samples):
-        raise ValueError(f"collate_distill: samples hold different teachers (first has {teachers})")
-    batch["targets"] = {t: torch.stack([s["targets"][t] for s in samples]) for t in teachers}
+    key = ENCODED_KEY if ENCODED_KEY in samples[0] else "targets"
+    teachers = list(samples[0][key])
+    if any(list(s.get(key, ())) != teachers for s in samples):
+        raise ValueError(f"collate_distill: samples hold different teachers (first has {key} of {teachers})")
+    if key == "targets":
+        batch["targets"] = {t: torch.stack([s["targets"][t] for s in samples]) for t in teachers}
+    else:
+        batch[ENCODED_KEY] = {t: _stack_encoded([s[ENCODED_KEY][t] for s in samples]) for t in teachers}
     for name in ("cls_state", "cls_attn"):
         if all(name in s for s in samples):
             batch[name] = torch.stack([s[name] for s in samples])
     batch["keys"] = [s["key"] for s in samples]
     return batch
+
+
+def _stack_encoded(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    codec = entries[0]["codec"]
+    if any(e["codec"] != codec for e in entries):
+        codecs = sorted({e["codec"] for e in entries})
+        raise ValueError(f"collate_distill: samples hold targets of different codecs ({codecs})")
+    return {"codec": codec, "parts": {c: torch.stack([e["parts"][c] for e in entries]) for c in entries[0]["parts"]}}
 
 
 __all__ = [

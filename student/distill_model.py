@@ -79,6 +79,11 @@ class DistillModel(nn.Module):
     def adapted_targets(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         targets = batch.get("targets")
         if not isinstance(targets, Mapping):
+            if "encoded_targets" in batch:
+                raise ValueError(
+                    "the batch holds encoded_targets (target_decode: device): dequantise them first with "
+                    "student.target_decode.decode_batch_targets, as the train loop does"
+                )
             raise ValueError("the batch has no 'targets' dict {teacher: [B, N, C]}")
         missing = sorted(set(self.teachers) - set(targets))
         if missing:

@@ -12,6 +12,8 @@ Decisions:
   in this optimizer step; an epoch's last window may be short), the per-batch-mean convention of
   HF Trainer/LLaVA. Logged parts are window means of the detached parts.
 - bf16 autocast on CUDA when enabled; fp32 on CPU (no autocast), which keeps CPU runs bit-exact.
+- Encoded targets (``target_decode: device``) are dequantised right after the copy to the device,
+  outside autocast, before the forward (``student.target_decode``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from student.distributed import grad_sync
 from student.optim import clip_gradients
+from student.target_decode import decode_batch_targets
 
 _PROTOCOL = ("num_samples", "set_epoch", "advance", "state_dict", "load_state_dict")
 
@@ -141,7 +144,7 @@ def accumulate_window(module, batches: Iterator, window: int, device, bf16: bool
             raise ValueError(
                 f"the loader ran out after {i} of {window} micro-batches (does len(sampler) match what it yields?)"
             )
-        batch = to_device(batch, device)
+        batch = decode_batch_targets(to_device(batch, device))  # encoded targets: dequantised here
         for k, v in batch_counts(batch, image_tokens).items():
             counts[k] += v
         with grad_sync(module, i == window - 1), autocast_context(device, bf16):

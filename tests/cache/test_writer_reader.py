@@ -52,6 +52,26 @@ def test_batch_reads_in_any_order_with_duplicates(built_cache, expected):
     assert cache.read([]).features["eva"].shape == (0, 64, 32)
 
 
+def test_read_without_decode_gives_the_stored_components(built_cache, expected):
+    from cache import get_codec
+
+    path, manifest = built_cache
+    cache, keys = open_cache(path), ["img-002-00", "img-000-01", "img-002-00"]
+    raw, batch = cache.read(keys, decode=False), cache.read(keys)
+    np.testing.assert_array_equal(raw.cls_state, batch.cls_state)
+    for t in manifest.teachers:
+        codec = get_codec(t.codec)
+        comps = codec.components(t.tokens, t.channels)
+        assert sorted(raw.features[t.name]) == sorted(c.name for c in comps)
+        for c in comps:
+            part = raw.features[t.name][c.name]
+            assert part.dtype == np.dtype(c.dtype) and part.shape == (3, *c.shape)
+        decoded = codec.decode(raw.features[t.name])
+        np.testing.assert_array_equal(decoded, batch.features[t.name])
+        np.testing.assert_array_equal(decoded[0], expected["img-002-00"][t.name])
+    assert cache.read([], decode=False).features["eva"]["values"].shape[0] == 0
+
+
 def test_teacher_subset_aux_off_and_float16(built_cache, expected):
     cache = open_cache(built_cache[0])
     batch = cache.read(["img-000-01", "img-002-00"], teachers=["eva"], dtype=np.float16, aux=False)

@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from cache import NULL_KEY, PreprocessSpec, open_cache
+from cache import NULL_KEY, PreprocessSpec, get_codec, open_cache
 from student.conversation import IGNORE_INDEX, render, tokenize_conversation
 from student.data import ConversationRecord, DistillDataset, collate_distill
 from student.llava import collate
@@ -251,6 +251,30 @@ def test_dataloader_workers_give_identical_batches(ds, tok):
         for name in ("input_ids", "labels", "attention_mask", "pixel_values", "has_image", "cls_state", "cls_attn"):
             assert torch.equal(a[name], b[name]), name
         assert all(torch.equal(a["targets"][t], b["targets"][t]) for t in a["targets"])
+
+
+def test_encoded_targets_decode_to_the_host_targets(built, images, ds, tok):
+    """``encoded_targets=True`` hands over the stored components (bf16 bits, int8 + scales, int4
+    nibbles + float16 scales in this cache), in workers too; decoded they are the host targets."""
+    from student.target_decode import ENCODED_KEY, decode_batch_targets
+
+    enc = build(built, images, tok, encoded_targets=True)
+    m = built[1]
+    sample = enc[0]
+    assert "targets" not in sample and sorted(sample[ENCODED_KEY]) == sorted(t.name for t in m.teachers)
+    for t in m.teachers:
+        e = sample[ENCODED_KEY][t.name]
+        comps = {c.name: c for c in get_codec(t.codec).components(t.tokens, t.channels)}
+        assert e["codec"] == t.codec and sorted(e["parts"]) == sorted(comps)
+        for name, part in e["parts"].items():
+            assert part.numpy().dtype == np.dtype(comps[name].dtype) and part.shape == comps[name].shape
+    host = _loader_batches(ds, tok, 0)
+    for workers in (0, 2):
+        for a, b in zip(_loader_batches(enc, tok, workers), host):
+            assert a["keys"] == b["keys"] and ENCODED_KEY in a and "targets" not in a
+            decoded = decode_batch_targets(a)["targets"]
+            assert all(torch.equal(decoded[t], b["targets"][t]) for t in b["targets"]), workers
+            assert torch.equal(a["cls_state"], b["cls_state"]) and torch.equal(a["pixel_values"], b["pixel_values"])
 
 
 # -- clear errors ------------------------------------------------------------------------------
