@@ -4,6 +4,7 @@ Public API::
 
     from cache import CacheManifest, TeacherEntry, PreprocessSpec   # what produced a cache
     from cache import CacheWriter, open_cache, verify_cache         # write / read / check
+    from cache import open_caches                                   # several caches of one pack
     from cache import get_codec, list_codecs                        # storage presets
 
 This package depends on numpy, zarr, numcodecs, fsspec and PIL only (no torch, no ray): it is
@@ -20,6 +21,7 @@ from cache.manifest import (
     TeacherEntry,
 )
 from cache.marker import NULL_KEY, ShardCommit
+from cache.multi import CacheUnion, open_caches
 from cache.reader import CacheBatch, CacheError, FeatureCache, open_cache
 from cache.stats import compute_channel_stats
 from cache.verify import VerifyReport, verify_cache
@@ -31,6 +33,7 @@ __all__ = [
     "CacheBatch",
     "CacheError",
     "CacheManifest",
+    "CacheUnion",
     "CacheWriter",
     "Codec",
     "FeatureCache",
@@ -45,5 +48,6 @@ __all__ = [
     "get_codec",
     "list_codecs",
     "open_cache",
+    "open_caches",
     "verify_cache",
 ]

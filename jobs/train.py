@@ -3,6 +3,7 @@
 Single process::
 
     movekd train --config train_tiny --set cache=DIR/cache --set image_root=DIR/packed ...
+    movekd train --config train_tiny --set cache=[DIR/v1.0-cache,DIR/sam-cache] ...  # caches of one pack
 
 Several GPUs or nodes (torch.distributed via torchrun; this entry point reads torchrun's
 environment, library code never does)::
@@ -164,7 +165,7 @@ def build_training(cfg, dist_info: Dist, online: str | None = None):
 
         cfg = online_config(cfg)
 
-    from cache import open_cache
+    from cache.multi import open_caches
     from jobs.image_source import PackedImageSource, check_pack_matches_cache, records_from_packed
     from student.conversation import load_tokenizer
     from student.data import DistillDataset, collate_distill
@@ -172,7 +173,7 @@ def build_training(cfg, dist_info: Dist, online: str | None = None):
     from student.sampler import DistributedLengthGroupedSampler
     from student.trainer import Trainer
 
-    cache = open_cache(cfg.cache)
+    cache = open_caches(cfg.cache)  # one cache, or several of one pack joined by image key
     check_pack_matches_cache(cfg.image_root, cache)
     records = records_from_packed(cfg.image_root, cfg.data_json)
     tokenizer = load_tokenizer(cfg.tokenizer_path)  # pad = unk when it has none, as LLaVA

@@ -24,6 +24,9 @@ Decisions:
   choice is not part of a checkpoint's fingerprint. ``auto`` (default): ``device`` on CUDA,
   ``host`` on CPU, where the decode would move from parallel workers into the training process
   and there is no copy to save (measured in BENCHMARKS.md, loading).
+- ``cache``: one path, or a list of caches of one pack joined by image key (``cache.multi``; each
+  teacher from the first cache that holds it), so v1.1 = the v1.0 cache + a SAM-only extraction.
+  The paths are not in a checkpoint's fingerprint (the teachers are): moving caches is fine.
 - Paths are plain strings (JSON-friendly); nothing here touches the filesystem.
 - ``to_dict``/``from_dict`` round-trip through JSON; unknown keys (also nested in ``mole``/``kd``)
   raise ``ValueError`` naming them (``cache.strict``), so a typo in a YAML preset fails loudly.
@@ -59,7 +62,7 @@ class TrainConfig:
     vision_tower: str = "openai/clip-vit-large-patch14-336"
     llm: str = "lmsys/vicuna-7b-v1.5"
     tokenizer: str = ""  # "" = the LLM's folder
-    cache: str = ""  # the teacher feature cache (zarr root)
+    cache: str | tuple[str, ...] = ""  # the teacher feature cache (zarr root), or several of one pack
     image_root: str = ""  # packed image dir or image folder
     data_json: str = ""  # LLaVA-format conversations
     output_dir: str = "runs/movekd"
@@ -104,6 +107,13 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.cache, (list, tuple)):
+            caches = tuple(self.cache)
+            if not caches or not all(isinstance(c, str) and c for c in caches) or len(set(caches)) != len(caches):
+                raise ValueError(f"TrainConfig.cache must be a path or a list of distinct paths, got {list(caches)}")
+            object.__setattr__(self, "cache", caches[0] if len(caches) == 1 else caches)
+        elif not isinstance(self.cache, str):
+            raise ValueError(f"TrainConfig.cache must be a path or a list of paths, got {self.cache!r}")
         if self.teachers is not None:
             object.__setattr__(self, "teachers", tuple(str(t) for t in self.teachers))
             if not self.teachers or len(set(self.teachers)) != len(self.teachers):
@@ -161,6 +171,7 @@ class TrainConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["mole"], d["kd"] = self.mole.to_dict(), self.kd.to_dict()
         d["teachers"] = list(self.teachers) if self.teachers is not None else None
+        d["cache"] = list(self.cache) if isinstance(self.cache, tuple) else self.cache
         return d
 
     @classmethod

@@ -35,6 +35,12 @@ Decisions:
   read (KD and the balance loss apply) but the LLM sees no image tokens (the sample's
   ``has_image``, which tells the model to splice, is False; ``modalities()`` still says image, as
   LLaVA's ``modality_lengths``). They are counted in ``counts`` and logged.
+- Several caches of one pack (``cache.multi.CacheUnion``, ``TrainConfig.cache`` as a list) are
+  read as one: each member is checked as a single cache is (complete, black no-image row), each
+  teacher's preprocessing against the cache that supplies it, only the caches that supply a read
+  teacher (or the CLS) decide validity, a key failed in one is skipped and counted as
+  ``invalid_image`` with that cache named, and a key missing from one is an error saying which
+  cache lacks how many keys.
 - Batched reads: ``read_batch(indices)`` reads every row of a batch with one ``FeatureCache.read``
   (zarr fetches the chunks concurrently). It is also ``__getitems__``, which a map-style
   ``DataLoader`` with ``batch_size`` calls instead of ``__getitem__`` per index, so the usual
@@ -62,6 +68,7 @@ import torch
 from PIL import Image
 
 from cache import NULL_KEY, FeatureCache, PreprocessSpec
+from cache.multi import CacheUnion
 from cache.preprocess import null_image_tensor, preprocess_image
 from student.conversation import (
     IMAGE_PLACEHOLDER,
@@ -163,10 +170,16 @@ def check_preprocess(student: PreprocessSpec, cache_spec: PreprocessSpec, where:
         )
 
 
-def check_cache(
-    cache: FeatureCache, preprocess: PreprocessSpec, teachers: Sequence[str] | None, require_cls: bool
-) -> tuple[str, ...]:
-    """Validate ``cache`` for distillation (module docstring); return the teachers to read."""
+def _parts(cache: FeatureCache | CacheUnion) -> tuple[FeatureCache, ...]:
+    return cache.parts if isinstance(cache, CacheUnion) else (cache,)
+
+
+def _url_of(cache: FeatureCache | CacheUnion, teacher: str) -> str:
+    """The cache that supplies ``teacher`` (a union's member), for messages."""
+    return (cache.part_of(teacher) if isinstance(cache, CacheUnion) else cache).location.url
+
+
+def _check_complete(cache: FeatureCache) -> None:
     m, url = cache.manifest, cache.location.url
     if m.null_input != "black":
         raise ValueError(
@@ -181,6 +194,17 @@ def check_cache(
             f"extraction was interrupted); finish it with `movekd extract` (it resumes), then check "
             f"it with `movekd cache verify {url}`"
         )
+
+
+def check_cache(
+    cache: FeatureCache | CacheUnion, preprocess: PreprocessSpec, teachers: Sequence[str] | None, require_cls: bool
+) -> tuple[str, ...]:
+    """Validate ``cache`` (one, or a ``CacheUnion``: each member is checked, and each teacher's
+    preprocessing against the cache that supplies it) for distillation (module docstring); return
+    the teachers to read."""
+    m, url = cache.manifest, cache.location.url
+    for part in _parts(cache):
+        _check_complete(part)
     names = tuple(m.teacher_names if teachers is None else teachers)
     unknown = [t for t in names if t not in m.teacher_names]
     if unknown or not names:
@@ -193,12 +217,13 @@ def check_cache(
                 "or use token_weighting='uniform' and teacher_weighting='fixed' with require_cls=False"
             )
     else:
-        check_preprocess(preprocess, m.teacher(m.cls_teacher).preprocess, f"cache {url} (teacher {m.cls_teacher!r})")
+        where = f"cache {_url_of(cache, m.cls_teacher)} (teacher {m.cls_teacher!r})"
+        check_preprocess(preprocess, m.teacher(m.cls_teacher).preprocess, where)
     for name in names:
         aspect = m.teacher(name).preprocess.aspect
         if aspect != preprocess.aspect:
             raise ValueError(
-                f"preprocess.aspect: student={preprocess.aspect!r}, cache {url} teacher "
+                f"preprocess.aspect: student={preprocess.aspect!r}, cache {_url_of(cache, name)} teacher "
                 f"{name!r}={aspect!r}; use the cache extracted for this stage"
             )
     return names
@@ -261,6 +286,8 @@ class DistillDataset(torch.utils.data.Dataset):
         self.encoded_targets = bool(encoded_targets)
         self.preprocess, self.template = preprocess, get_template(template).name
         self.teachers = check_cache(cache, preprocess, teachers, require_cls)
+        if isinstance(cache, CacheUnion):  # only the caches read decide which keys are valid
+            self.cache = cache = cache.select(self.teachers)
         self.num_image_tokens = _image_tokens(cache, num_image_tokens)
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
@@ -304,7 +331,7 @@ class DistillDataset(torch.utils.data.Dataset):
         for rec in records:
             key = rec.image_key
             if key is not None and key not in self.cache:
-                unknown.append(f"{rec.where}: {key!r}")
+                unknown.append((rec.where, key))
             elif key is not None and key in failed:
                 skips.add(INVALID_IMAGE, f"{rec.where}: image {key!r}: {failed[key]}")
             else:
@@ -359,12 +386,20 @@ class DistillDataset(torch.utils.data.Dataset):
             k += len(ps)
         return out
 
-    def _check_lookups(self, unknown: list[str], any_text_only: bool) -> None:
+    def _check_lookups(self, unknown: list[tuple[str, str]], any_text_only: bool) -> None:
         m, url = self.cache.manifest, self.cache.location.url
+        if unknown and isinstance(self.cache, CacheUnion):
+            raise ValueError(
+                f"{len(unknown)} row(s) use image keys missing from some of the caches {url}: "
+                f"{self.cache.missing_report(k for _, k in unknown)}; every cache must hold every image of the pack "
+                f"(fingerprint {m.dataset_fingerprint}): finish or re-extract the lacking cache with "
+                "`movekd extract` on this pack"
+            )
         if unknown:
+            examples = [f"{where}: {key!r}" for where, key in unknown[:3]]
             raise ValueError(
                 f"{len(unknown)} row(s) use image keys that cache {url} does not hold, e.g. "
-                f"{unknown[:3]}: the cache was extracted from a different pack (cache dataset "
+                f"{examples}: the cache was extracted from a different pack (cache dataset "
                 f"{m.dataset_name!r}, fingerprint {m.dataset_fingerprint}); use the pack it was "
                 "built from, or extract a cache for this pack with `movekd extract`"
             )
