@@ -47,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packed", help="shortcut for --set packed=DIR: the `movekd pack` output directory")
     p.add_argument("--out", help="shortcut for --set out=PATH: the cache location (path or fsspec URL)")
     p.add_argument("--workers", type=int, help="shortcut for --set num_workers=N: actors to start")
+    p.add_argument(
+        "--teachers",
+        metavar="A,B",
+        help="extract only these teachers of the config (comma-separated names), e.g. --teachers sam for a "
+        "SAM-only cache of a pack that a v1.0 cache already covers; train from both with cache: [v1.0, sam]. "
+        "The [CLS] rows are kept only when the config's cls_teacher is among them",
+    )
     p.add_argument("--report", help="also write the machine-readable run report (JSON) here")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars (logs stay)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
@@ -87,9 +94,24 @@ def resolve_config(args: argparse.Namespace) -> ExtractConfig:  # noqa: F821
     if args.no_progress:
         overrides["progress"] = False
     cfg = load_config(args.config, overrides, kind="extract")
+    if getattr(args, "teachers", None):
+        cfg = select_teachers(cfg, args.teachers)
     if cfg.ray_address is None and os.environ.get("RAY_ADDRESS"):
         cfg = dataclasses.replace(cfg, ray_address="auto")  # started by `ray job submit`: join that cluster
     return cfg
+
+
+def select_teachers(cfg, spec: str):
+    """``cfg`` with only the teachers named in ``spec`` (comma-separated, config order kept); the
+    [CLS] teacher stays only if selected. Unknown names are a ``ValueError`` listing the config's."""
+    wanted = [n.strip() for n in spec.split(",") if n.strip()]
+    names = [t.name for t in cfg.teachers]
+    unknown = [n for n in wanted if n not in names]
+    if unknown or not wanted:
+        raise ValueError(f"--teachers {spec!r}: {unknown or 'no names'} not among the config's teachers {names}")
+    keep = tuple(t for t in cfg.teachers if t.name in wanted)
+    cls = cfg.cls_teacher if cfg.cls_teacher in wanted else None
+    return dataclasses.replace(cfg, teachers=keep, cls_teacher=cls)
 
 
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray for an entry point started by `ray job submit`
